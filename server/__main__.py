@@ -1,0 +1,107 @@
+"""``ggufserve`` command line: ``ggufserve serve [--models FILE] [--model ID] ...``.
+
+Flags override ``GGUFSERVE_*`` environment variables, which override the defaults.
+Exit codes: 0 after a clean shutdown, 2 for a usage or models-file error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from server.settings import ModelsFileError, ServerSettings, load_models_file
+
+EXIT_USAGE = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ggufserve", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="serve models over an OpenAI-compatible HTTP API")
+    serve.add_argument("--models", dest="models_file", type=Path, help="models.yaml to read")
+    serve.add_argument(
+        "--model",
+        dest="models",
+        action="append",
+        metavar="ID",
+        help="model id to serve (repeatable); default: the file's default entry",
+    )
+    serve.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port to bind (default 8080)")
+    serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes")
+    serve.add_argument(
+        "--max-queued-requests", type=int, help="requests that may wait per model (default 16)"
+    )
+    serve.add_argument(
+        "--cors-allow-origin",
+        dest="cors_allow_origins",
+        action="append",
+        metavar="ORIGIN",
+        help="allow browser requests from this origin (repeatable; '*' for any)",
+    )
+    serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    return parser
+
+
+def _settings(args: argparse.Namespace) -> ServerSettings:
+    overrides: dict[str, Any] = {
+        key: value
+        for key, value in vars(args).items()
+        if key != "command" and value is not None
+    }
+    return ServerSettings(**overrides)
+
+
+def serve(settings: ServerSettings) -> int:
+    """Validate the models file, then run uvicorn until SIGINT/SIGTERM.
+
+    Raises:
+        ModelsFileError: bad models file, unknown id, or a missing local GGUF/mmproj.
+    """
+    import uvicorn
+
+    from server.app import create_app
+    from server.model_files import check_local
+    from server.registry import ModelRegistry
+
+    models_file = load_models_file(settings.models_file)
+    ids = settings.models or [models_file.default_id]
+    entries = [models_file.entry(model_id) for model_id in ids]
+    base_dir = settings.models_file.resolve().parent
+    for entry in entries:
+        check_local(entry.gguf, base_dir, f"entry '{entry.id}': key 'gguf.path'")
+        if entry.mmproj is not None:
+            check_local(entry.mmproj, base_dir, f"entry '{entry.id}': key 'mmproj.path'")
+    app = create_app(settings, ModelRegistry(entries, base_dir, settings))
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=30,
+    )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=(args.log_level or "info").upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        settings = _settings(args)
+        return serve(settings)
+    except ModelsFileError as exc:
+        print(f"ggufserve: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except ValueError as exc:  # pydantic ValidationError for bad flag / env values
+        print(f"ggufserve: error: invalid setting: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,146 @@
+"""``create_app``: routes, middleware, OpenAI-envelope exception handlers and lifespan."""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import logging
+import uuid
+from collections.abc import AsyncIterator
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from server.chat import ChatService
+from server.errors import (
+    APIError,
+    AuthenticationError,
+    InternalServerError,
+    MethodNotAllowedError,
+    NotFoundError,
+)
+from server.metrics import metrics_registry
+from server.registry import ModelRegistry
+from server.routes import routes
+from server.settings import ServerSettings
+
+log = logging.getLogger(__name__)
+
+# Paths answered without an API key (load balancers and orchestrators probe them).
+OPEN_PATHS = frozenset({"/health"})
+
+
+def error_response(error: APIError) -> JSONResponse:
+    return JSONResponse(error.envelope(), status_code=error.status_code, headers=error.headers())
+
+
+class RequestContextMiddleware:
+    """Give each request an id (``X-Request-ID``) and enforce the API key if one is set.
+
+    Pure ASGI (not ``BaseHTTPMiddleware``) so streaming bodies pass through untouched.
+    """
+
+    def __init__(self, app: ASGIApp, api_key: str | None):
+        self.app = app
+        self.api_key = api_key
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message.setdefault("headers", [])
+                message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode())]
+            await send(message)
+
+        if self.api_key and scope["path"] not in OPEN_PATHS and not self._authorized(scope):
+            response = error_response(
+                AuthenticationError(
+                    "Incorrect or missing API key. Send it as 'Authorization: Bearer <key>'.",
+                    code="invalid_api_key",
+                )
+            )
+            await response(scope, receive, send_with_id)
+            return
+        await self.app(scope, receive, send_with_id)
+
+    def _authorized(self, scope: Scope) -> bool:
+        assert self.api_key is not None
+        header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+        scheme, _, token = header.partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(
+            token.strip().encode(), self.api_key.encode()
+        )
+
+
+async def _api_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, APIError)
+    return error_response(exc)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 405:
+        return error_response(MethodNotAllowedError(f"Method {request.method} not allowed here."))
+    if exc.status_code == 404:
+        return error_response(NotFoundError(f"No route {request.url.path[:200]}."))
+    return error_response(APIError(str(exc.detail)[:200]))
+
+
+async def _unexpected_error(request: Request, exc: Exception) -> Response:
+    request_id = getattr(request.state, "request_id", "-")
+    log.error("request %s failed", request_id, exc_info=exc)
+    return error_response(InternalServerError(request_id))
+
+
+def create_app(settings: ServerSettings, registry: ModelRegistry) -> Starlette:
+    """Build the ASGI app. Models start loading in the lifespan and are freed at shutdown.
+
+    Args:
+        settings: Server settings (API key, limits, CORS origins).
+        registry: The models to serve (not yet loaded).
+    """
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        registry.start_loading()
+        try:
+            yield
+        finally:
+            registry.close()
+
+    middleware = [Middleware(RequestContextMiddleware, api_key=settings.api_key)]
+    if settings.cors_allow_origins:
+        middleware.insert(
+            0,
+            Middleware(
+                CORSMiddleware,
+                allow_origins=settings.cors_allow_origins,
+                allow_methods=["GET", "POST", "OPTIONS"],
+                allow_headers=["authorization", "content-type"],
+            ),
+        )
+    app = Starlette(
+        routes=routes,
+        middleware=middleware,
+        exception_handlers={
+            APIError: _api_error,
+            HTTPException: _http_error,
+            Exception: _unexpected_error,
+        },
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.registry = registry
+    app.state.chat = ChatService(registry, settings)
+    app.state.metrics = metrics_registry(registry)
+    return app

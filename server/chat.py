@@ -1,0 +1,324 @@
+"""Chat service: an OpenAI chat request → prompt tokens → engine job → response or stream.
+
+All checks that can fail happen in :meth:`ChatService.prepare`, before any byte of a
+response is sent, so that even ``stream=true`` requests get real HTTP errors.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import anyio.to_thread
+
+from server.engine.base import (
+    Failed,
+    Finished,
+    GenerationRequest,
+    SamplingParams,
+    TextDelta,
+)
+from server.engine.worker import EngineBusy, EngineClosed, Generation
+from server.errors import (
+    ContextLengthExceededError,
+    InternalServerError,
+    InvalidRequestError,
+    ModelUnavailableError,
+    QueueFullError,
+)
+from server.protocol import (
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    Choice,
+    ChunkChoice,
+    CompletionUsage,
+    Delta,
+    ImagePart,
+    ResponseMessage,
+    SystemMessage,
+    TextPart,
+)
+from server.registry import ModelRegistry, ServedModel
+from server.settings import ServerSettings
+from server.templates import ChatTemplateError
+
+# llama.cpp treats seed 0xFFFFFFFF as "pick a random seed" (LLAMA_DEFAULT_SEED).
+SEED_MODULUS = 2**32 - 1
+
+
+@dataclass(frozen=True)
+class PreparedChat:
+    """A validated request, ready to run: the model, the engine job and response ids."""
+
+    served: ServedModel
+    job: GenerationRequest
+    completion_id: str
+    created: int
+    include_usage: bool
+
+
+class ChatService:
+    """Builds prompts and drives generations for ``/v1/chat/completions``.
+
+    Args:
+        registry: The served models.
+        settings: Server limits (prompt size).
+    """
+
+    def __init__(self, registry: ModelRegistry, settings: ServerSettings):
+        self._registry = registry
+        self._settings = settings
+
+    async def prepare(self, body: ChatCompletionRequest, request_id: str) -> PreparedChat:
+        """Validate, render and tokenize the request.
+
+        Raises:
+            InvalidRequestError: unsupported options, images for a text-only model, a
+                prompt over the character cap, invalid Unicode, a template rejection, or
+                an out-of-vocabulary ``logit_bias`` id.
+            ContextLengthExceededError: prompt tokens + ``max_tokens`` exceed ``n_ctx``.
+            ModelNotFoundError / ModelUnavailableError: see ``ModelRegistry.get``.
+        """
+        _reject_unsupported(body)
+        served = self._registry.get(body.model)
+        messages = _template_messages(body)
+        chars = sum(len(m["content"]) for m in messages)
+        if chars > self._settings.max_prompt_chars:
+            raise InvalidRequestError(
+                f"The messages hold {chars} characters; the limit is "
+                f"{self._settings.max_prompt_chars}.",
+                param="messages",
+            )
+        # Rendering and tokenizing a long prompt takes milliseconds to seconds: off the loop.
+        prompt = await anyio.to_thread.run_sync(_render_and_tokenize, served, messages)
+        n_ctx = served.engine.info.n_ctx if served.engine else 0
+        max_tokens = body.max_completion_tokens or body.max_tokens
+        if len(prompt) >= n_ctx or (max_tokens is not None and len(prompt) + max_tokens > n_ctx):
+            wanted = max_tokens or 1
+            raise ContextLengthExceededError(
+                f"This model's maximum context length is {n_ctx} tokens. However, you requested "
+                f"{len(prompt) + wanted} tokens ({len(prompt)} in the messages, {wanted} in the "
+                "completion). Please reduce the length of the messages or completion."
+            )
+        job = GenerationRequest(
+            prompt_tokens=prompt,
+            max_tokens=max_tokens or n_ctx - len(prompt),
+            sampling=_sampling(body, served),
+            stop=list(body.stop or []),
+        )
+        return PreparedChat(
+            served=served,
+            job=job,
+            completion_id=f"chatcmpl-{request_id}",
+            created=int(time.time()),
+            include_usage=bool(body.stream_options and body.stream_options.include_usage),
+        )
+
+    def start(self, prepared: PreparedChat) -> Generation:
+        """Queue the job on the model's engine.
+
+        Raises:
+            QueueFullError: the model's queue is full (429 with Retry-After).
+            ModelUnavailableError: the engine is shutting down.
+        """
+        engine = prepared.served.engine
+        if engine is None:
+            raise ModelUnavailableError("The model is not loaded.")
+        try:
+            return engine.submit(prepared.job)
+        except EngineBusy as exc:
+            raise QueueFullError(
+                f"Too many requests are waiting for '{prepared.served.id}'; retry later.",
+                retry_after_s=exc.retry_after_s,
+            ) from None
+        except EngineClosed:
+            raise ModelUnavailableError("The server is shutting down.", code="draining") from None
+
+    async def complete(
+        self, prepared: PreparedChat, generation: Generation, request_id: str
+    ) -> ChatCompletion:
+        """Run to the end and build the full response.
+
+        Raises:
+            InternalServerError: the engine failed mid-generation.
+        """
+        parts: list[str] = []
+        try:
+            async for event in generation.events():
+                if isinstance(event, TextDelta):
+                    parts.append(event.text)
+                elif isinstance(event, Finished):
+                    return ChatCompletion(
+                        id=prepared.completion_id,
+                        created=prepared.created,
+                        model=prepared.served.id,
+                        choices=[
+                            Choice(
+                                message=ResponseMessage(content="".join(parts)),
+                                finish_reason=event.finish_reason,
+                            )
+                        ],
+                        usage=_usage(event),
+                    )
+            raise InternalServerError(request_id)
+        finally:
+            generation.cancel()
+
+    async def stream(
+        self, prepared: PreparedChat, generation: Generation, request_id: str
+    ) -> AsyncIterator[str]:
+        """Server-sent events: role delta, content deltas, finish chunk, optional usage
+        chunk, ``[DONE]``. An engine failure becomes an error event before ``[DONE]``."""
+
+        def chunk(delta: Delta, finish: Any = None, usage: CompletionUsage | None = None) -> str:
+            choices = [] if usage is not None else [ChunkChoice(delta=delta, finish_reason=finish)]
+            body = ChatCompletionChunk(
+                id=prepared.completion_id,
+                created=prepared.created,
+                model=prepared.served.id,
+                choices=choices,
+                usage=usage,
+            )
+            return f"data: {body.model_dump_json()}\n\n"
+
+        try:
+            yield chunk(Delta(role="assistant", content=""))
+            async for event in generation.events():
+                if isinstance(event, TextDelta):
+                    yield chunk(Delta(content=event.text))
+                elif isinstance(event, Finished):
+                    yield chunk(Delta(), finish=event.finish_reason)
+                    if prepared.include_usage:
+                        yield chunk(Delta(), usage=_usage(event))
+                elif isinstance(event, Failed):
+                    yield _sse_json(InternalServerError(request_id).envelope())
+            yield "data: [DONE]\n\n"
+        finally:
+            generation.cancel()
+
+
+def _sse_json(payload: dict[str, Any]) -> str:
+    return f"data: {json.dumps(payload)}\n\n"
+
+
+def _usage(event: Finished) -> CompletionUsage:
+    return CompletionUsage(
+        prompt_tokens=event.prompt_tokens,
+        completion_tokens=event.completion_tokens,
+        total_tokens=event.prompt_tokens + event.completion_tokens,
+    )
+
+
+def _reject_unsupported(body: ChatCompletionRequest) -> None:
+    """Refuse, by name, options this server does not implement rather than ignore them."""
+    if body.n not in (None, 1):
+        raise InvalidRequestError("Only n=1 is supported: one choice per request.", param="n")
+    if body.logprobs or body.top_logprobs:
+        raise InvalidRequestError("logprobs are not supported yet.", param="logprobs")
+    if body.response_format and body.response_format.get("type", "text") != "text":
+        raise InvalidRequestError(
+            "response_format other than 'text' is not supported yet.", param="response_format"
+        )
+    if body.tools:
+        raise InvalidRequestError("Tool calling is not supported yet.", param="tools")
+    if body.tool_choice not in (None, "none", "auto"):
+        raise InvalidRequestError("Tool calling is not supported yet.", param="tool_choice")
+    if body.chat_template is not None or body.chat_template_kwargs is not None:
+        raise InvalidRequestError(
+            "Chat templates come from the model; a template in the request is never rendered.",
+            param="chat_template",
+        )
+
+
+def _template_messages(body: ChatCompletionRequest) -> list[dict[str, Any]]:
+    """OpenAI messages → the ``{"role", "content": str}`` dicts chat templates expect.
+
+    ``developer`` is OpenAI's new name for ``system``; text parts are joined by newlines.
+
+    Raises:
+        InvalidRequestError: an image part (this build's models are text-only).
+    """
+    out: list[dict[str, Any]] = []
+    for index, message in enumerate(body.messages):
+        role = "system" if isinstance(message, SystemMessage) else message.role
+        content = message.content
+        if content is None:
+            text = ""
+        elif isinstance(content, str):
+            text = content
+        else:
+            for part_index, part in enumerate(content):
+                if isinstance(part, ImagePart):
+                    raise InvalidRequestError(
+                        f"The model '{body.model}' does not accept image input.",
+                        param=f"messages.{index}.content.{part_index}",
+                    )
+            text = "\n".join(part.text for part in content if isinstance(part, TextPart))
+        out.append({"role": role, "content": text})
+    return out
+
+
+def _render_and_tokenize(served: ServedModel, messages: list[dict[str, Any]]) -> list[int]:
+    """Render the chat template and tokenize with exactly one BOS.
+
+    Raises:
+        InvalidRequestError: the template rejected the messages, or the text holds
+            unpaired surrogates.
+    """
+    assert served.engine is not None and served.template is not None
+    info = served.engine.info
+    try:
+        prompt = served.template.render(messages, add_generation_prompt=True)
+    except ChatTemplateError as exc:
+        raise InvalidRequestError(exc.client_message, param="messages") from None
+    try:
+        tokens = served.engine.tokenize(prompt)
+    except UnicodeEncodeError:
+        raise InvalidRequestError(
+            "The messages contain invalid Unicode (unpaired surrogates).", param="messages"
+        ) from None
+    # The template normally writes BOS itself; add it only where it did not.
+    if info.add_bos and (not tokens or tokens[0] != info.bos_token_id):
+        tokens.insert(0, info.bos_token_id)
+    return tokens
+
+
+def _sampling(body: ChatCompletionRequest, served: ServedModel) -> SamplingParams:
+    """Request values over the model's defaults; a random seed unless one is given.
+
+    Raises:
+        InvalidRequestError: a ``logit_bias`` token id is outside the vocabulary.
+    """
+    defaults = served.entry.sampling
+    n_vocab = served.engine.info.n_vocab if served.engine else 0
+    bias: dict[int, float] = {}
+    for key, value in (body.logit_bias or {}).items():
+        token = int(key)
+        if token >= n_vocab:
+            raise InvalidRequestError(
+                f"logit_bias token id {token} is outside the vocabulary (size {n_vocab}).",
+                param="logit_bias",
+            )
+        bias[token] = value
+    seed = secrets.randbelow(SEED_MODULUS) if body.seed is None else body.seed % SEED_MODULUS
+
+    def pick(name: str) -> Any:
+        value = getattr(body, name)
+        return getattr(defaults, name) if value is None else value
+
+    return SamplingParams(
+        temperature=pick("temperature"),
+        top_p=pick("top_p"),
+        top_k=pick("top_k"),
+        min_p=pick("min_p"),
+        presence_penalty=pick("presence_penalty"),
+        frequency_penalty=pick("frequency_penalty"),
+        repeat_penalty=pick("repeat_penalty"),
+        seed=seed,
+        logit_bias=bias,
+    )

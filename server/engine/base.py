@@ -1,0 +1,120 @@
+"""What the chat service needs from an inference engine, independent of llama.cpp."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+FinishReason = Literal["stop", "length"]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Resolved sampling settings for one request (request values over model defaults).
+
+    ``temperature`` 0 means greedy. ``top_k`` 0 disables top-k. ``seed`` is a llama.cpp
+    sampler seed in [0, 2**32 - 2] (2**32 - 1 is llama.cpp's "random" sentinel).
+    ``logit_bias`` maps token id → additive bias.
+    """
+
+    temperature: float
+    top_p: float
+    top_k: int
+    min_p: float
+    presence_penalty: float
+    frequency_penalty: float
+    repeat_penalty: float
+    seed: int
+    logit_bias: dict[int, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One completion job: prompt token ids (BOS included), a token budget, sampling, stops.
+
+    ``max_tokens`` counts generated tokens; the caller has checked that
+    ``len(prompt_tokens) + max_tokens <= n_ctx``.
+    """
+
+    prompt_tokens: list[int]
+    max_tokens: int
+    sampling: SamplingParams
+    stop: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    """New completion text, always whole UTF-8 characters, never part of a stop string."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class Finished:
+    """The last event of a generation."""
+
+    finish_reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class Failed:
+    """The generation broke inside the engine; details are in the server log only."""
+
+
+GenerationEvent = TextDelta | Finished | Failed
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Facts about a loaded model that prompt building and validation need.
+
+    Attributes:
+        architecture: llama.cpp ``general.architecture`` (e.g. ``gemma3``).
+        n_ctx: Context size of the serving context, in tokens.
+        n_vocab: Vocabulary size (valid token ids are ``0 .. n_vocab - 1``).
+        bos_token / eos_token: Token texts, as chat templates expect them.
+        bos_token_id: Id of BOS.
+        add_bos: Whether the model wants a BOS at the start of every prompt.
+        chat_template: The GGUF's ``tokenizer.chat_template``, if any.
+    """
+
+    architecture: str
+    n_ctx: int
+    n_vocab: int
+    bos_token: str
+    eos_token: str
+    bos_token_id: int
+    add_bos: bool
+    chat_template: str | None
+
+
+@dataclass
+class EngineStats:
+    """Counters since load, written only by the engine's worker thread (read anywhere)."""
+
+    requests_finished: int = 0
+    requests_cancelled: int = 0
+    prompt_tokens: int = 0
+    prompt_tokens_reused: int = 0
+    generated_tokens: int = 0
+
+
+class Engine(Protocol):
+    """An inference engine for one model; owns its threads and KV cache."""
+
+    info: ModelInfo
+    stats: EngineStats
+
+    def tokenize(self, text: str) -> list[int]:
+        """Tokenize prompt text with special tokens parsed and no BOS added."""
+        ...
+
+    def queue_depth(self) -> int:
+        """Jobs waiting or running."""
+        ...
+
+    def close(self) -> None:
+        """Cancel pending work and free the model."""
+        ...

