@@ -48,9 +48,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _settings(args: argparse.Namespace) -> ServerSettings:
     overrides: dict[str, Any] = {
-        key: value
-        for key, value in vars(args).items()
-        if key != "command" and value is not None
+        key: value for key, value in vars(args).items() if key != "command" and value is not None
     }
     return ServerSettings(**overrides)
 

@@ -55,11 +55,16 @@ class RequestContextMiddleware:
             return
         request_id = uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = request_id
+        started = False
 
         async def send_with_id(message: Message) -> None:
+            nonlocal started
             if message["type"] == "http.response.start":
-                message.setdefault("headers", [])
-                message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode())]
+                started = True
+                message["headers"] = [
+                    *message.get("headers", []),
+                    (b"x-request-id", request_id.encode()),
+                ]
             await send(message)
 
         if self.api_key and scope["path"] not in OPEN_PATHS and not self._authorized(scope):
@@ -71,7 +76,14 @@ class RequestContextMiddleware:
             )
             await response(scope, receive, send_with_id)
             return
-        await self.app(scope, receive, send_with_id)
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception:
+            # Details go to the log only; the client gets a generic 500 with the request id.
+            log.exception("request %s failed", request_id)
+            if started:
+                raise
+            await error_response(InternalServerError(request_id))(scope, receive, send_with_id)
 
     def _authorized(self, scope: Scope) -> bool:
         assert self.api_key is not None
@@ -94,12 +106,6 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     if exc.status_code == 404:
         return error_response(NotFoundError(f"No route {request.url.path[:200]}."))
     return error_response(APIError(str(exc.detail)[:200]))
-
-
-async def _unexpected_error(request: Request, exc: Exception) -> Response:
-    request_id = getattr(request.state, "request_id", "-")
-    log.error("request %s failed", request_id, exc_info=exc)
-    return error_response(InternalServerError(request_id))
 
 
 def create_app(settings: ServerSettings, registry: ModelRegistry) -> Starlette:
@@ -135,7 +141,6 @@ def create_app(settings: ServerSettings, registry: ModelRegistry) -> Starlette:
         exception_handlers={
             APIError: _api_error,
             HTTPException: _http_error,
-            Exception: _unexpected_error,
         },
         lifespan=lifespan,
     )

@@ -17,9 +17,17 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # (metric name, help text, EngineStats field)
 COUNTERS = (
     ("ggufserve_requests_finished", "Generations run to completion.", "requests_finished"),
-    ("ggufserve_requests_cancelled", "Generations stopped early by the client.", "requests_cancelled"),
+    (
+        "ggufserve_requests_cancelled",
+        "Generations stopped early by the client.",
+        "requests_cancelled",
+    ),
     ("ggufserve_prompt_tokens", "Prompt tokens received.", "prompt_tokens"),
-    ("ggufserve_prompt_tokens_reused", "Prompt tokens served from the KV cache.", "prompt_tokens_reused"),
+    (
+        "ggufserve_prompt_tokens_reused",
+        "Prompt tokens served from the KV cache.",
+        "prompt_tokens_reused",
+    ),
     ("ggufserve_generated_tokens", "Completion tokens generated.", "generated_tokens"),
 )
 

@@ -64,9 +64,7 @@ class AssistantMessage(_Strict):
     name: str | None = None
 
 
-ChatMessage = Annotated[
-    SystemMessage | UserMessage | AssistantMessage, Field(discriminator="role")
-]
+ChatMessage = Annotated[SystemMessage | UserMessage | AssistantMessage, Field(discriminator="role")]
 
 
 class StreamOptions(_Strict):

@@ -13,8 +13,8 @@ from starlette.routing import Route
 from starlette.types import Receive
 
 from server.chat import ChatService
-from server.metrics import metrics
 from server.errors import InvalidRequestError, PayloadTooLargeError, UnsupportedMediaTypeError
+from server.metrics import metrics
 from server.protocol import ChatCompletionRequest, ModelCard, ModelList
 from server.registry import ModelRegistry, ModelState
 

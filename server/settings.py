@@ -12,6 +12,7 @@ from typing import Annotated, Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import ErrorDetails
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MiB = 1024 * 1024
@@ -120,7 +121,7 @@ class ModelsFile(_Entry):
         raise ModelsFileError(f"no model '{model_id}' in the models file (known: {known})")
 
 
-def _describe(error: dict[str, Any], raw: Any) -> str:
+def _describe(error: ErrorDetails, raw: Any) -> str:
     """One line for one pydantic error: which entry, which key, what is wrong."""
     loc = list(error["loc"])
     where = "models file"

@@ -97,7 +97,7 @@ def fallback_template(architecture: str) -> str | None:
     name = FALLBACK_TEMPLATES.get(architecture)
     if name is None:
         return None
-    return files("server").joinpath("chat_templates", name).read_text(encoding="utf-8")
+    return (files("server") / "chat_templates" / name).read_text(encoding="utf-8")
 
 
 class ChatTemplate:

