@@ -7,7 +7,8 @@ VENV ?= .venv
 BENCH_VENV ?= .venv-bench
 BACKEND ?= cpu
 BIN := $(VENV)/bin
-LLAMA_CPP_PYTHON := llama-cpp-python==0.3.36
+LLAMA_CPP_PYTHON_VERSION := 0.3.36
+LLAMA_CPP_PYTHON := llama-cpp-python==$(LLAMA_CPP_PYTHON_VERSION)
 
 CMAKE_ARGS_cpu :=
 CMAKE_ARGS_cuda := -DGGML_CUDA=on
@@ -57,7 +58,7 @@ lint: $(STAMP_TEST)
 # separate environment so it cannot change ours. Same sdist, so pip's wheel cache is reused.
 $(BENCH_VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(BENCH_VENV)
-	$(BENCH_VENV)/bin/pip install -q "$(LLAMA_CPP_PYTHON)[server]"
+	$(BENCH_VENV)/bin/pip install -q "llama-cpp-python[server]==$(LLAMA_CPP_PYTHON_VERSION)"
 	touch $@
 
 bench: $(STAMP_TEST) $(BENCH_VENV)/.installed
