@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -74,6 +75,10 @@ def serve(settings: ServerSettings) -> int:
         if entry.mmproj is not None:
             check_local(entry.mmproj, base_dir, f"entry '{entry.id}': key 'mmproj.path'")
     app = create_app(settings, ModelRegistry(entries, base_dir, settings))
+    # uvicorn re-raises SIGINT/SIGTERM once its graceful shutdown is done; that shutdown
+    # was clean, so the handler it lands on exits 0.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _exit_cleanly)
     uvicorn.run(
         app,
         host=settings.host,
@@ -82,6 +87,10 @@ def serve(settings: ServerSettings) -> int:
         timeout_graceful_shutdown=30,
     )
     return 0
+
+
+def _exit_cleanly(signum: int, frame: object) -> None:
+    sys.exit(0)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -153,3 +154,23 @@ def test_full_queue_answers_429_and_running_request_completes(
     assert '"finish_reason":"length"' in chunks[-1]
     again = httpx.post(f"{small.v1}/chat/completions", json=quick, headers=small.headers())
     assert again.status_code == 200
+
+
+def test_sigterm_lets_running_stream_finish_and_exits_cleanly(
+    server_factory: Callable[..., RunningServer], bundled_gguf: Path
+) -> None:
+    running = server_factory([model_entry(MODEL, bundled_gguf)], api_key=None)
+    body = {**LONG, "max_tokens": 60, "logit_bias": NO_EOG, "stream": True}
+    with (
+        httpx.Client(base_url=running.base_url, timeout=120) as own,
+        own.stream("POST", "/v1/chat/completions", json=body) as response,
+    ):
+        lines = response.iter_lines()
+        next(lines)
+        running.process.send_signal(signal.SIGTERM)
+        chunks = [line for line in lines if line.startswith("data: ")]
+    assert chunks[-1] == "data: [DONE]"
+    assert '"finish_reason":"length"' in chunks[-2]
+    assert running.process.wait(60) == 0
+    with pytest.raises(httpx.TransportError):
+        httpx.get(f"{running.base_url}/health", timeout=2)
