@@ -1,4 +1,5 @@
-"""``ggufserve`` command line: ``ggufserve serve [--models FILE] [--model ID] ...``.
+"""``ggufserve`` command line: ``ggufserve serve [--models FILE] [--model ID] ...``;
+``ggufserve convert`` and ``ggufserve quantize`` are handed to ``converters``.
 
 Flags override ``GGUFSERVE_*`` environment variables, which override the defaults.
 Exit codes: 0 after a clean shutdown, 2 for a usage or models-file error.
@@ -94,6 +95,12 @@ def _exit_cleanly(signum: int, frame: object) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] in (["convert"], ["quantize"]):
+        # One console script for both halves; the converter needs nothing of the server.
+        from converters.__main__ import main as converters_main
+
+        return converters_main(argv)
     args = _parser().parse_args(argv)
     logging.basicConfig(
         level=(args.log_level or "info").upper(),

@@ -1,0 +1,107 @@
+"""``ggufserve convert`` / ``ggufserve quantize`` (also ``python -m converters ...``).
+
+Exit codes: 0 on success, 2 for a named conversion error (one line on stderr, no
+traceback, nothing partial left behind).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from converters.errors import ConversionError
+from converters.quantize import QUANT_TYPES
+
+EXIT_ERROR = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ggufserve", description="convert and quantize models")
+    commands = parser.add_subparsers(dest="command", required=True)
+    convert = commands.add_parser("convert", help="HF safetensors checkpoint → GGUF (+ mmproj)")
+    convert.add_argument("source", help="checkpoint folder or Hugging Face repo id")
+    convert.add_argument(
+        "--outtype",
+        choices=["auto", "f32", "f16", "bf16", "q8_0"],
+        default="auto",
+        help="type of the converted GGUF (auto: the checkpoint's own float type)",
+    )
+    convert.add_argument(
+        "--quant",
+        action="append",
+        default=[],
+        type=str.upper,
+        choices=list(QUANT_TYPES),
+        metavar="TYPE",
+        help=f"also quantize with llama.cpp (repeatable): {', '.join(QUANT_TYPES)}",
+    )
+    convert.add_argument("--mmproj-type", choices=["f32", "f16", "q8_0"], default="f16")
+    convert.add_argument("--out", type=Path, default=Path("models"), help="output folder")
+    convert.add_argument("--name", help="output base name (default: the source's name)")
+    convert.add_argument("--force", action="store_true", help="replace existing outputs")
+    convert.add_argument(
+        "--register", action="store_true", help="add/update an entry NAME in the models file"
+    )
+    convert.add_argument("--models", type=Path, default=Path("models.yaml"))
+    quant = commands.add_parser("quantize", help="quantize a GGUF with llama.cpp")
+    quant.add_argument("gguf", type=Path)
+    quant.add_argument("type", type=str.upper, choices=list(QUANT_TYPES))
+    quant.add_argument("--out", type=Path, help="output file (default: next to the input)")
+    quant.add_argument("--force", action="store_true")
+    return parser
+
+
+def _run_convert(args: argparse.Namespace) -> None:
+    from converters.convert import convert
+    from converters.register import register
+
+    result = convert(
+        args.source,
+        out_dir=args.out,
+        name=args.name,
+        outtype=args.outtype,
+        quants=args.quant,
+        mmproj_type=args.mmproj_type,
+        force=args.force,
+    )
+    for path in [result.text, result.mmproj, *result.quantized.values()]:
+        if path is not None:
+            print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
+    print("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in result.seconds.items()))
+    if args.register:
+        served = next(iter(result.quantized.values()), result.text)
+        model_id = args.name or Path(args.source).name
+        register(args.models, model_id, served, result.mmproj)
+        print(f"registered '{model_id}' in {args.models}")
+
+
+def _run_quantize(args: argparse.Namespace) -> None:
+    from converters.quantize import quantize
+
+    source: Path = args.gguf
+    if not source.is_file():
+        raise ConversionError(f"no such file: {source}")
+    stem = source.stem.rsplit("-", 1)[0] if "-" in source.stem else source.stem
+    target = args.out or source.with_name(f"{stem}-{args.type}.gguf")
+    quantize(source, target, args.type, force=args.force)
+    print(f"wrote {target} ({target.stat().st_size / 1e6:.1f} MB)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "convert":
+            _run_convert(args)
+        else:
+            _run_quantize(args)
+    except ConversionError as exc:
+        print(f"ggufserve {args.command}: error: {exc.__class__.__name__}: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

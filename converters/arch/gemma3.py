@@ -1,0 +1,325 @@
+"""Gemma 3: text model (``gemma3``) and SigLIP vision projector (mmproj, ``gemma3``).
+
+Reference: transformers ``models/gemma3/modeling_gemma3.py`` (the model) and llama.cpp's
+``convert_hf_to_gguf.py`` ``Gemma3Model`` / ``Gemma3VisionModel``, ``src/llama-model.cpp``
+(``LLM_ARCH_GEMMA3``) and ``tools/mtmd/clip.cpp`` (``PROJECTOR_TYPE_GEMMA3``).
+
+Stored tensor names come in several layouts (transformers 4.x/5.x, Hub re-saves); they
+are normalised first to ``model.*`` / ``lm_head`` (text), ``vision_tower.vision_model.*``
+and ``multi_modal_projector.*``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import gguf
+import numpy as np
+from gguf import GGMLQuantizationType as QT
+
+from converters.arch.base import Converter, check_shape, map_name, optional, require
+from converters.checkpoint import Checkpoint, TensorRef
+from converters.errors import ConfigError
+from converters.vocab import load_sentencepiece_vocab, write_vocab
+from converters.writer import PlannedTensor
+
+# llama.cpp hard-codes these for gemma3 (src/llama-model.cpp: set_swa_pattern(6),
+# rope_freq_base_train_swa = 10000): a config that differs would run differently.
+SWA_PATTERN = 6
+SWA_ROPE_BASE = 10_000.0
+# llama.cpp scales attention by 1/sqrt(n_embd/n_head) for its 27B type (62 layers).
+LAYERS_27B = 62
+
+
+def normalise(name: str) -> str:
+    """Map the stored layouts onto one: ``model.*``/``lm_head``, ``vision_tower.vision_model.*``,
+    ``multi_modal_projector.*``."""
+    for prefix in ("model.language_model.", "language_model.model."):
+        if name.startswith(prefix):
+            return "model." + name[len(prefix) :]
+    if name.startswith("language_model.lm_head."):
+        return name[len("language_model.") :]
+    if name.startswith("model.") and name.split(".")[1] in (
+        "vision_tower",
+        "multi_modal_projector",
+    ):
+        name = name[len("model.") :]
+    if name.startswith("vision_tower.") and not name.startswith("vision_tower.vision_model."):
+        return "vision_tower.vision_model." + name[len("vision_tower.") :]
+    return name
+
+
+def plus_one(data: np.ndarray) -> np.ndarray:
+    # Gemma's RMSNorm computes x * (1 + w) (modeling_gemma3.py Gemma3RMSNorm); llama.cpp x * w.
+    return data + 1.0
+
+
+def text_config(ckpt: Checkpoint) -> dict[str, Any]:
+    """The text hparams: ``text_config`` for the multimodal model, the root otherwise."""
+    config = ckpt.config
+    if "text_config" in config:
+        return require(config, "text_config", dict, "config.json")
+    return config
+
+
+def _rope(c: dict[str, Any], where: str) -> tuple[float, float, dict[str, Any] | None]:
+    """(global rope base, local rope base, linear scaling or None) from either layout:
+    transformers 5's ``rope_parameters`` per attention type, or the Hub's ``rope_theta`` /
+    ``rope_local_base_freq`` / ``rope_scaling``."""
+    params = optional(c, "rope_parameters", dict, None, where)
+    if params is None:
+        scaling = optional(c, "rope_scaling", dict, None, where)
+        return (
+            optional(c, "rope_theta", (int, float), 1_000_000.0, where),
+            optional(c, "rope_local_base_freq", (int, float), SWA_ROPE_BASE, where),
+            scaling,
+        )
+    full = params.get("full_attention", params)
+    local = params.get("sliding_attention", {})
+    scaling = full if full.get("rope_type", "default") != "default" else None
+    return (
+        optional(full, "rope_theta", (int, float), 1_000_000.0, f"{where} rope_parameters"),
+        optional(local, "rope_theta", (int, float), SWA_ROPE_BASE, f"{where} rope_parameters"),
+        scaling,
+    )
+
+
+class Gemma3Text(Converter):
+    """``Gemma3ForCausalLM`` (270M, 1B) or the language model of ``Gemma3ForConditionalGeneration``.
+
+    Raises (on construction):
+        ConfigError: a required key is missing or has a wrong type, or a value llama.cpp's
+            gemma3 graph cannot reproduce (attention logit softcapping, a sliding-window
+            pattern other than 5 local : 1 global, a local rope base other than 10000, a
+            ``query_pre_attn_scalar`` llama.cpp does not use).
+        VocabError: see :func:`converters.vocab.load_sentencepiece_vocab`.
+    """
+
+    gguf_arch = "gemma3"
+
+    def __init__(self, ckpt: Checkpoint):
+        super().__init__(ckpt)
+        where = "config.json text_config" if "text_config" in ckpt.config else "config.json"
+        c = text_config(ckpt)
+        self.n_embd = require(c, "hidden_size", int, where)
+        self.n_layer = require(c, "num_hidden_layers", int, where)
+        self.n_ff = require(c, "intermediate_size", int, where)
+        self.n_head = require(c, "num_attention_heads", int, where)
+        self.n_head_kv = optional(c, "num_key_value_heads", int, self.n_head, where)
+        self.head_dim = optional(c, "head_dim", int, 256, where)
+        self.n_ctx_train = optional(c, "max_position_embeddings", int, 131_072, where)
+        self.rms_eps = optional(c, "rms_norm_eps", (int, float), 1e-6, where)
+        self.sliding_window = require(c, "sliding_window", int, where)
+        self.n_vocab_rows = require(c, "vocab_size", int, where)
+        self.rope_theta, local_base, self.rope_scaling = _rope(c, where)
+        if float(local_base) != SWA_ROPE_BASE:
+            raise ConfigError(
+                f"{where}: the local rope base must be {SWA_ROPE_BASE:g} for llama.cpp"
+            )
+        self.final_softcap = optional(c, "final_logit_softcapping", (int, float), None, where)
+        self._check_graph_compatible(c, where)
+        self.vocab = load_sentencepiece_vocab(ckpt)
+        if len(self.vocab) > self.n_vocab_rows:
+            raise ConfigError(
+                f"{where}: vocab_size {self.n_vocab_rows} is smaller than the tokenizer "
+                f"({len(self.vocab)} tokens)"
+            )
+        self.tied = bool(c.get("tie_word_embeddings", ckpt.config.get("tie_word_embeddings", True)))
+        self.name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GEMMA3, self.n_layer)
+
+    def _check_graph_compatible(self, c: dict[str, Any], where: str) -> None:
+        if c.get("attn_logit_softcapping") is not None:
+            raise ConfigError(
+                f"{where}: attn_logit_softcapping is not supported by llama.cpp's gemma3"
+            )
+        pattern = c.get("sliding_window_pattern", c.get("_sliding_window_pattern", SWA_PATTERN))
+        layer_types = optional(c, "layer_types", list, None, where)
+        expected = [
+            "full_attention" if (i + 1) % SWA_PATTERN == 0 else "sliding_attention"
+            for i in range(self.n_layer)
+        ]
+        if pattern != SWA_PATTERN or (layer_types is not None and layer_types != expected):
+            raise ConfigError(
+                f"{where}: llama.cpp's gemma3 needs {SWA_PATTERN - 1} sliding-window layers "
+                "then 1 global layer, repeated"
+            )
+        scalar = optional(c, "query_pre_attn_scalar", (int, float), self.head_dim, where)
+        allowed = {float(self.head_dim)}
+        if self.n_layer == LAYERS_27B:
+            allowed.add(self.n_embd / self.n_head)
+        if float(scalar) not in allowed:
+            raise ConfigError(
+                f"{where}: query_pre_attn_scalar {scalar} is not what llama.cpp uses "
+                f"({sorted(allowed)})"
+            )
+
+    def claims(self, name: str) -> bool:
+        return normalise(name).startswith(("model.", "lm_head."))
+
+    def set_gguf_parameters(self, writer: gguf.GGUFWriter) -> None:
+        writer.add_context_length(self.n_ctx_train)
+        writer.add_embedding_length(self.n_embd)
+        writer.add_block_count(self.n_layer)
+        writer.add_feed_forward_length(self.n_ff)
+        writer.add_head_count(self.n_head)
+        writer.add_head_count_kv(self.n_head_kv)
+        writer.add_key_length(self.head_dim)
+        writer.add_value_length(self.head_dim)
+        writer.add_layer_norm_rms_eps(float(self.rms_eps))
+        writer.add_rope_freq_base(float(self.rope_theta))
+        writer.add_rope_freq_base_swa(SWA_ROPE_BASE)
+        writer.add_sliding_window(self.sliding_window)
+        if self.rope_scaling is not None:
+            kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
+            if kind != "linear" or not isinstance(self.rope_scaling.get("factor"), (int, float)):
+                raise ConfigError(f"rope_scaling {self.rope_scaling} is not linear with a factor")
+            # Global layers only; llama.cpp keeps the local layers unscaled.
+            writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            writer.add_rope_scaling_factor(float(self.rope_scaling["factor"]))
+        if self.final_softcap is not None:
+            writer.add_final_logit_softcapping(float(self.final_softcap))
+        write_vocab(writer, self.ckpt, self.vocab, add_bos=True, eot="<end_of_turn>")
+
+    def plan_tensors(self) -> list[PlannedTensor]:
+        plans = []
+        for ref in self.claimed():
+            name = normalise(ref.name)
+            if name == "lm_head.weight" and self.tied:
+                continue  # tied to token_embd (llama.cpp reuses it when output.weight is absent)
+            gguf_name = map_name(self.name_map, name, ref.name)
+            plans.append(self._plan(ref, name, gguf_name))
+        return plans
+
+    def _plan(self, ref: TensorRef, name: str, gguf_name: str) -> PlannedTensor:
+        n_vocab = len(self.vocab)
+        q_dim, kv_dim = self.n_head * self.head_dim, self.n_head_kv * self.head_dim
+        expected: dict[str, tuple[int, ...]] = {
+            "token_embd": (self.n_vocab_rows, self.n_embd),
+            "output": (self.n_vocab_rows, self.n_embd),
+            "attn_q": (q_dim, self.n_embd),
+            "attn_k": (kv_dim, self.n_embd),
+            "attn_v": (kv_dim, self.n_embd),
+            "attn_output": (self.n_embd, q_dim),
+            "attn_q_norm": (self.head_dim,),
+            "attn_k_norm": (self.head_dim,),
+            "ffn_gate": (self.n_ff, self.n_embd),
+            "ffn_up": (self.n_ff, self.n_embd),
+            "ffn_down": (self.n_embd, self.n_ff),
+        }
+        kind = gguf_name.split(".")[-2]
+        check_shape(ref, expected.get(kind, (self.n_embd,)))
+        if kind in ("token_embd", "output"):
+            # Rows past the tokenizer's vocabulary are padding (262,208 rows, 262,144 +
+            # added tokens): llama.cpp needs rows == tokens (convert_hf_to_gguf.py Gemma3Model).
+            return PlannedTensor(gguf_name, ref, (n_vocab, self.n_embd), lambda d: d[:n_vocab])
+        if name.endswith("norm.weight"):
+            return PlannedTensor(gguf_name, ref, ref.shape, plus_one, force_type=QT.F32)
+        return PlannedTensor(gguf_name, ref, ref.shape)
+
+
+class Gemma3Vision(Converter):
+    """The SigLIP tower + multi-modal projector of ``Gemma3ForConditionalGeneration`` → mmproj.
+
+    Raises (on construction):
+        ConfigError: ``vision_config`` or a required key is missing, or the image size is
+            not a multiple of the patch size.
+    """
+
+    gguf_arch = "clip"
+
+    def __init__(self, ckpt: Checkpoint):
+        super().__init__(ckpt)
+        where = "config.json vision_config"
+        v = require(ckpt.config, "vision_config", dict, "config.json")
+        self.n_embd = require(v, "hidden_size", int, where)
+        self.n_ff = require(v, "intermediate_size", int, where)
+        self.n_layer = require(v, "num_hidden_layers", int, where)
+        self.n_head = require(v, "num_attention_heads", int, where)
+        self.image_size = require(v, "image_size", int, where)
+        self.patch_size = require(v, "patch_size", int, where)
+        self.eps = optional(v, "layer_norm_eps", (int, float), 1e-6, where)
+        self.channels = optional(v, "num_channels", int, 3, where)
+        self.n_embd_text = require(text_config(ckpt), "hidden_size", int, "config.json text_config")
+        tokens = optional(ckpt.config, "mm_tokens_per_image", int, 256, "config.json")
+        side = self.image_size // self.patch_size
+        merge = side // math.isqrt(tokens)
+        if self.image_size % self.patch_size or merge * math.isqrt(tokens) != side:
+            raise ConfigError(
+                f"{where}: image_size {self.image_size}, patch_size {self.patch_size} and "
+                f"mm_tokens_per_image {tokens} do not tile"
+            )
+        self.scale_factor = merge
+        self.n_patches = side * side
+        self.name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.MMPROJ, self.n_layer)
+        self.image_mean, self.image_std = self._normalisation()
+
+    def _normalisation(self) -> tuple[list[float], list[float]]:
+        """Image mean/std from ``preprocessor_config.json`` (Hub) or ``processor_config.json``
+        (transformers 5, under ``image_processor``); SigLIP's 0.5 when neither says."""
+        for name in ("preprocessor_config.json", "processor_config.json"):
+            data = self.ckpt.json_file(name) or {}
+            data = data.get("image_processor", data)
+            if "image_mean" in data and "image_std" in data:
+                return [float(x) for x in data["image_mean"]], [float(x) for x in data["image_std"]]
+        return [0.5] * 3, [0.5] * 3
+
+    def claims(self, name: str) -> bool:
+        return normalise(name).startswith(("vision_tower.", "multi_modal_projector."))
+
+    def set_gguf_parameters(self, writer: gguf.GGUFWriter) -> None:
+        writer.add_clip_has_vision_encoder(True)
+        writer.add_clip_projector_type(gguf.VisionProjectorType.GEMMA3)
+        writer.add_vision_projection_dim(self.n_embd_text)
+        writer.add_vision_image_size(self.image_size)
+        writer.add_vision_patch_size(self.patch_size)
+        writer.add_vision_embedding_length(self.n_embd)
+        writer.add_vision_feed_forward_length(self.n_ff)
+        writer.add_vision_block_count(self.n_layer)
+        writer.add_vision_head_count(self.n_head)
+        writer.add_vision_attention_layernorm_eps(float(self.eps))
+        writer.add_vision_image_mean(self.image_mean)
+        writer.add_vision_image_std(self.image_std)
+        writer.add_vision_use_gelu(True)
+        writer.add_vision_projector_scale_factor(self.scale_factor)
+
+    def plan_tensors(self) -> list[PlannedTensor]:
+        plans = []
+        for ref in self.claimed():
+            name = normalise(ref.name).replace(
+                "mm_input_projection_weight", "mm_input_projection.weight"
+            )
+            if name.startswith("vision_tower.vision_model.head."):
+                continue  # SigLIP's pooling head: unused by Gemma 3 (modeling_gemma3.py)
+            plans.append(self._plan(ref, map_name(self.name_map, name, ref.name)))
+        return plans
+
+    def _plan(self, ref: TensorRef, gguf_name: str) -> PlannedTensor:
+        e, p = self.n_embd, self.patch_size
+        expected = {
+            "v.patch_embd.weight": (e, self.channels, p, p),
+            "v.position_embd.weight": (self.n_patches, e),
+            # HF (n_embd_vision, n_embd_text) = GGML ne [n_embd_text, n_embd_vision], which
+            # clip.cpp transposes itself: no transpose here (Gemma3VisionModel).
+            "mm.input_projection.weight": (e, self.n_embd_text),
+        }
+        kind = gguf_name.split(".")[-2] if gguf_name.startswith("v.blk.") else gguf_name
+        per_block = {
+            "attn_q": (e, e),
+            "attn_k": (e, e),
+            "attn_v": (e, e),
+            "attn_out": (e, e),
+            "ffn_up": (self.n_ff, e),
+            "ffn_down": (e, self.n_ff),
+        }
+        shape = expected.get(gguf_name) or per_block.get(kind)
+        if shape is None:  # norms and biases
+            shape = (self.n_ff,) if gguf_name.endswith("ffn_up.bias") else (e,)
+        check_shape(ref, shape)
+        if gguf_name == "mm.soft_emb_norm.weight":
+            return PlannedTensor(gguf_name, ref, ref.shape, plus_one, force_type=QT.F32)
+        if gguf_name == "mm.input_projection.weight":
+            return PlannedTensor(gguf_name, ref, ref.shape, force_type=QT.F16)
+        if gguf_name.startswith(("v.patch_embd", "v.position_embd")):
+            return PlannedTensor(gguf_name, ref, ref.shape, force_type=QT.F32)
+        return PlannedTensor(gguf_name, ref, ref.shape)

@@ -1,0 +1,211 @@
+"""The conversion pipeline: checkpoint → text GGUF (+ mmproj) → quantized GGUFs.
+
+Everything is validated (checkpoint, config, vocabulary, every tensor's name and shape,
+and that no output would be overwritten) before the first byte is written.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import gguf
+
+from converters.arch import ARCHITECTURES
+from converters.arch.base import Converter
+from converters.checkpoint import Checkpoint
+from converters.errors import TensorMappingError, UnsupportedArchitectureError
+from converters.quantize import quantize
+from converters.writer import PlannedTensor, check_output, write_gguf
+
+log = logging.getLogger(__name__)
+
+# Files fetched from the Hub for a repo id (weights in safetensors only: never pickles).
+HUB_PATTERNS = [
+    "*.safetensors",
+    "*.safetensors.index.json",
+    "config.json",
+    "generation_config.json",
+    "tokenizer.model",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.json",
+    "chat_template.jinja",
+    "preprocessor_config.json",
+    "processor_config.json",
+    "README.md",
+]
+
+
+@dataclass
+class ConversionResult:
+    """Paths written and timings (seconds)."""
+
+    text: Path
+    mmproj: Path | None
+    quantized: dict[str, Path] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def resolve_source(source: str) -> Path:
+    """A local folder, or a Hugging Face repo id fetched with ``snapshot_download``
+    (its cache and ``HF_HUB_OFFLINE`` honoured).
+
+    Raises:
+        CheckpointError: the repo is not cached while offline, or cannot be fetched.
+    """
+    path = Path(source).expanduser()
+    if path.exists() or source.startswith((".", "/", "~")) or source.count("/") != 1:
+        return path
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    from converters.errors import CheckpointError
+
+    try:
+        return Path(snapshot_download(repo_id=source, allow_patterns=HUB_PATTERNS))
+    except LocalEntryNotFoundError:
+        raise CheckpointError(
+            f"'{source}' is not in the Hugging Face cache and cannot be downloaded "
+            "(offline, or HF_HUB_OFFLINE=1)"
+        ) from None
+    except (HfHubHTTPError, OSError, ValueError) as exc:
+        raise CheckpointError(f"cannot fetch '{source}': {exc.__class__.__name__}") from None
+
+
+def converters_for(ckpt: Checkpoint) -> tuple[Converter, Converter | None]:
+    """Instantiate the converters named by ``config.json``'s ``architectures``.
+
+    Raises:
+        UnsupportedArchitectureError: no registered architecture is named.
+    """
+    names = ckpt.config.get("architectures")
+    if not isinstance(names, list) or not names:
+        raise UnsupportedArchitectureError("config.json has no 'architectures' list")
+    for name in names:
+        if name in ARCHITECTURES:
+            text_cls, vision_cls = ARCHITECTURES[name]
+            return text_cls(ckpt), vision_cls(ckpt) if vision_cls else None
+    known = ", ".join(ARCHITECTURES)
+    raise UnsupportedArchitectureError(f"architecture {names} is not supported (known: {known})")
+
+
+def metadata_writer(converter: Converter, ckpt: Checkpoint, name: str, source: str):  # type: ignore[no-untyped-def]
+    """general.* (name, basename, size label, license, source repo from the model card)
+    followed by the converter's hparams."""
+    n_params = sum(int(_count(r.shape)) for r in converter.claimed())
+    meta = gguf.Metadata.load(None, ckpt.root, name, n_params)
+    if meta.source_repo_url is None and source.count("/") == 1 and not Path(source).exists():
+        meta.source_repo_url = f"https://huggingface.co/{source}"
+
+    def write(writer: gguf.GGUFWriter) -> None:
+        meta.set_gguf_meta_model(writer)
+        converter.set_gguf_parameters(writer)
+
+    return write
+
+
+def _count(shape: tuple[int, ...]) -> int:
+    total = 1
+    for dim in shape:
+        total *= dim
+    return total
+
+
+def plan_all(
+    ckpt: Checkpoint, text: Converter, vision: Converter | None
+) -> tuple[list[PlannedTensor], list[PlannedTensor]]:
+    """Plan both outputs and prove every stored tensor is used.
+
+    Raises:
+        TensorMappingError: a tensor no converter claims, or one without a GGUF name.
+    """
+    text_plan = text.plan_tensors()
+    vision_plan = vision.plan_tensors() if vision else []
+    claimed = {n for n in ckpt.tensors if text.claims(n) or (vision and vision.claims(n))}
+    orphans = sorted(set(ckpt.tensors) - claimed)
+    if orphans:
+        raise TensorMappingError(
+            f"{len(orphans)} tensor(s) belong to no converter (first: {', '.join(orphans[:3])}); "
+            "refusing to drop weights"
+        )
+    return text_plan, vision_plan
+
+
+def convert(
+    source: str,
+    *,
+    out_dir: Path,
+    name: str | None = None,
+    outtype: str = "auto",
+    quants: list[str] | None = None,
+    mmproj_type: str = "f16",
+    force: bool = False,
+) -> ConversionResult:
+    """Convert a checkpoint; see the module docstring for the order of checks.
+
+    Args:
+        source: Checkpoint folder or Hugging Face repo id.
+        out_dir: Folder for the outputs (created if needed).
+        name: Output base name (default: the folder / repo name).
+        outtype: f32 | f16 | bf16 | q8_0 | auto (the checkpoint's own float type).
+        quants: llama.cpp quantization types made from the text GGUF (one intermediate).
+        mmproj_type: f32 | f16 | q8_0 for the vision projector.
+        force: Replace existing outputs.
+
+    Raises:
+        ConversionError (any subclass): nothing has been written in that case, except
+            for quantization failures after the text GGUF was written.
+    """
+    started = time.monotonic()
+    root = resolve_source(source)
+    ckpt = Checkpoint.open(root)
+    text, vision = converters_for(ckpt)
+    text_plan, vision_plan = plan_all(ckpt, text, vision)
+    name = name or root.name
+    outtype = _auto_outtype(ckpt) if outtype == "auto" else outtype
+    text_path = out_dir / f"{name}-{outtype.upper()}.gguf"
+    mmproj_path = out_dir / f"mmproj-{name}-{mmproj_type.upper()}.gguf" if vision else None
+    quant_paths = {q.upper(): out_dir / f"{name}-{q.upper()}.gguf" for q in quants or []}
+    for path in [text_path, mmproj_path, *quant_paths.values()]:
+        if path is not None:
+            check_output(path, force)
+    result = ConversionResult(text=text_path, mmproj=mmproj_path)
+    write_gguf(
+        text_path,
+        text.gguf_arch,
+        metadata_writer(text, ckpt, name, source),
+        text_plan,
+        outtype,
+        force=force,
+        progress_label="text model",
+    )
+    result.seconds["text"] = time.monotonic() - started
+    if vision is not None and mmproj_path is not None:
+        mark = time.monotonic()
+        write_gguf(
+            mmproj_path,
+            vision.gguf_arch,
+            metadata_writer(vision, ckpt, name, source),
+            vision_plan,
+            mmproj_type,
+            force=force,
+            progress_label="mmproj",
+        )
+        result.seconds["mmproj"] = time.monotonic() - mark
+    for quant, path in quant_paths.items():
+        mark = time.monotonic()
+        result.quantized[quant] = quantize(text_path, path, quant, force=force)
+        result.seconds[quant] = time.monotonic() - mark
+    result.seconds["total"] = time.monotonic() - started
+    return result
+
+
+def _auto_outtype(ckpt: Checkpoint) -> str:
+    """The checkpoint's float type, so the intermediate loses nothing (F32 if mixed)."""
+    dtypes = {ref.dtype for ref in ckpt.tensors.values()}
+    return {frozenset({"BF16"}): "bf16", frozenset({"F16"}): "f16"}.get(frozenset(dtypes), "f32")

@@ -1,0 +1,170 @@
+"""SentencePiece-style vocabularies (Gemma) → GGUF ``tokenizer.ggml.*`` metadata.
+
+Token types use SentencePiece's numbering, which GGUF shares (``gguf.TokenType``):
+NORMAL 1, UNKNOWN 2, CONTROL 3, USER_DEFINED 4, UNUSED 5, BYTE 6. Gemma 3 needs its
+CONTROL and USER_DEFINED types kept (the whitespace-run tokens are USER_DEFINED):
+without them llama.cpp tokenizes runs of spaces differently from transformers.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import gguf
+
+from converters.checkpoint import Checkpoint
+from converters.errors import VocabError
+
+BYTE_PIECE = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
+
+
+@dataclass
+class Vocab:
+    """Token texts (SentencePiece pieces, ``▁`` for space), scores and types, by id."""
+
+    tokens: list[str]
+    scores: list[float]
+    types: list[int]
+    add_space_prefix: bool
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def id_of(self, text: str) -> int | None:
+        try:
+            return self.tokens.index(text)
+        except ValueError:
+            return None
+
+
+def load_sentencepiece_vocab(ckpt: Checkpoint) -> Vocab:
+    """Read ``tokenizer.model`` (preferred) or ``tokenizer.json``, then apply the
+    ``added_tokens_decoder`` of ``tokenizer_config.json`` (special → CONTROL, other →
+    USER_DEFINED), appending added tokens past the base vocabulary.
+
+    Raises:
+        VocabError: no tokenizer file, an unreadable one, or added-token ids with gaps.
+    """
+    model = ckpt.file("tokenizer.model")
+    if model is not None:
+        vocab = _from_sentencepiece_model(model.read_bytes())
+    elif ckpt.file("tokenizer.json") is not None:
+        vocab = _from_tokenizer_json(ckpt.json_file("tokenizer.json") or {})
+    else:
+        raise VocabError("no tokenizer.model or tokenizer.json in the checkpoint")
+    config = ckpt.json_file("tokenizer_config.json") or {}
+    decoder = config.get("added_tokens_decoder") or {}
+    for key, token in sorted(decoder.items(), key=lambda item: int(item[0])):
+        _apply_added(vocab, int(key), token)
+    return vocab
+
+
+def _from_sentencepiece_model(data: bytes) -> Vocab:
+    # The protobuf keeps every piece's type (USER_DEFINED included, which the
+    # SentencePieceProcessor API does not expose).
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    try:
+        proto.ParseFromString(data)
+    except Exception:  # protobuf's DecodeError and friends
+        raise VocabError("tokenizer.model is not a SentencePiece model") from None
+    if not proto.pieces:
+        raise VocabError("tokenizer.model has no pieces")
+    return Vocab(
+        tokens=[p.piece for p in proto.pieces],
+        scores=[float(p.score) for p in proto.pieces],
+        types=[int(p.type) for p in proto.pieces],
+        add_space_prefix=bool(proto.normalizer_spec.add_dummy_prefix),
+    )
+
+
+def _from_tokenizer_json(data: dict[str, Any]) -> Vocab:
+    """A byte-fallback BPE ``tokenizer.json`` (as Gemma ships) in SentencePiece form:
+    scores are minus the rank among normal pieces, as in Gemma's ``tokenizer.model``."""
+    model = data.get("model") or {}
+    vocab = model.get("vocab")
+    if model.get("type") != "BPE" or not isinstance(vocab, dict):
+        raise VocabError("tokenizer.json is not a byte-fallback BPE vocabulary")
+    by_id = sorted((int(i), str(t)) for t, i in vocab.items())
+    if [i for i, _ in by_id] != list(range(len(by_id))):
+        raise VocabError("tokenizer.json vocabulary ids are not contiguous")
+    tokens, scores, types = [], [], []
+    rank = 0
+    for _, text in by_id:
+        tokens.append(text)
+        if BYTE_PIECE.match(text):
+            types.append(gguf.TokenType.BYTE)
+            scores.append(0.0)
+        else:
+            types.append(gguf.TokenType.NORMAL)
+            scores.append(-float(rank))
+            rank += 1
+    unk = model.get("unk_token")
+    if unk in vocab:
+        types[int(vocab[unk])] = gguf.TokenType.UNKNOWN
+    return Vocab(tokens, scores, types, add_space_prefix=False)
+
+
+def _apply_added(vocab: Vocab, token_id: int, token: dict[str, Any]) -> None:
+    content = token.get("content")
+    if not isinstance(content, str):
+        raise VocabError(f"added token {token_id} has no 'content'")
+    kind = gguf.TokenType.CONTROL if token.get("special") else gguf.TokenType.USER_DEFINED
+    if token_id < len(vocab):
+        if vocab.types[token_id] != gguf.TokenType.BYTE:
+            vocab.tokens[token_id] = content
+            vocab.types[token_id] = kind
+        return
+    if token_id != len(vocab):
+        raise VocabError(f"added token ids skip from {len(vocab) - 1} to {token_id}")
+    vocab.tokens.append(content)
+    vocab.scores.append(-1000.0)
+    vocab.types.append(kind)
+
+
+def chat_template(ckpt: Checkpoint) -> str | None:
+    """The chat template, from (in this order) ``chat_template.jinja`` (transformers 5),
+    ``chat_template.json``, or ``tokenizer_config.json``'s ``chat_template``.
+
+    Raises:
+        VocabError: a template file that cannot be read.
+    """
+    jinja = ckpt.file("chat_template.jinja")
+    if jinja is not None:
+        try:
+            return jinja.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            raise VocabError("chat_template.jinja is not readable UTF-8") from None
+    for name in ("chat_template.json", "tokenizer_config.json"):
+        value = (ckpt.json_file(name) or {}).get("chat_template")
+        if isinstance(value, str):
+            return value
+        if isinstance(value, list):  # named templates: keep the default one
+            for item in value:
+                if isinstance(item, dict) and item.get("name") == "default":
+                    return str(item.get("template"))
+    return None
+
+
+def write_vocab(
+    writer: gguf.GGUFWriter, ckpt: Checkpoint, vocab: Vocab, *, add_bos: bool, eot: str | None
+) -> None:
+    """Write the SentencePiece vocabulary, special token ids, add-BOS/EOS flags and chat
+    template (``gguf.SpecialVocab`` reads the ids from the tokenizer/config files)."""
+    writer.add_tokenizer_model("llama")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(vocab.tokens)
+    writer.add_token_scores(vocab.scores)
+    writer.add_token_types(vocab.types)
+    writer.add_add_space_prefix(vocab.add_space_prefix)
+    special = gguf.SpecialVocab(ckpt.root, load_merges=False, n_vocab=len(vocab))
+    special.chat_template = chat_template(ckpt)
+    # transformers 5 saves Gemma tokenizers with add_bos_token false; the model needs BOS.
+    special.add_special_token["bos"] = add_bos
+    special.add_special_token.setdefault("eos", False)
+    special.add_to_gguf(writer, quiet=True)
+    if eot is not None and (eot_id := vocab.id_of(eot)) is not None:
+        writer.add_eot_token_id(eot_id)

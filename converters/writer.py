@@ -1,0 +1,142 @@
+"""Stream planned tensors into a GGUF file with ``gguf.GGUFWriter``, atomically.
+
+Tensor infos are declared first (shapes and types are known from the plan), then each
+tensor is read, fixed up, converted and written before the next is read: peak memory is
+the largest tensor (in float32) plus a fixed margin. The file is written under a temporary
+name in the target folder and renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import gguf
+import numpy as np
+from gguf import GGMLQuantizationType as QT
+from tqdm import tqdm
+
+from converters.checkpoint import TensorRef
+from converters.errors import OutputExistsError, TensorMappingError
+
+# --outtype → GGML type of 2-D weights; 1-D tensors (norms, biases) always stay F32.
+OUTTYPES = {"f32": QT.F32, "f16": QT.F16, "bf16": QT.BF16, "q8_0": QT.Q8_0}
+# GGUF general.file_type (llama_ftype) of each --outtype.
+FILE_TYPES = {
+    "f32": gguf.LlamaFileType.ALL_F32,
+    "f16": gguf.LlamaFileType.MOSTLY_F16,
+    "bf16": gguf.LlamaFileType.MOSTLY_BF16,
+    "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+}
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    """One output tensor.
+
+    Attributes:
+        name: GGUF tensor name (e.g. ``blk.0.attn_q.weight``).
+        source: The checkpoint tensor it is made from.
+        shape: Shape after ``transform``, in numpy/PyTorch order; GGML's ``ne`` is the
+            reverse (``ne[0]`` is the last, contiguous axis).
+        transform: Numeric fix-up (``+1`` on a norm, row trimming, reshaping), or None.
+        force_type: A GGML type this tensor must have whatever ``--outtype`` says.
+    """
+
+    name: str
+    source: TensorRef
+    shape: tuple[int, ...]
+    transform: Callable[[np.ndarray], np.ndarray] | None = None
+    force_type: QT | None = None
+
+
+def output_type(tensor: PlannedTensor, outtype: QT) -> QT:
+    """The GGML type a tensor is written in (Q8_0 needs rows divisible by 32, else F16)."""
+    if tensor.force_type is not None:
+        return tensor.force_type
+    if len(tensor.shape) == 1:
+        return QT.F32
+    if outtype == QT.Q8_0 and tensor.shape[-1] % gguf.GGML_QUANT_SIZES[QT.Q8_0][0] != 0:
+        return QT.F16
+    return outtype
+
+
+def encode(data: np.ndarray, qtype: QT) -> np.ndarray:
+    """float32 data → the bytes (or F32/F16 array) of a GGML type, via gguf-py's quants."""
+    if qtype == QT.F32:
+        return data.astype(np.float32, copy=False)
+    if qtype == QT.F16:
+        return data.astype(np.float16)
+    return gguf.quants.quantize(data, qtype)
+
+
+def check_output(path: Path, force: bool) -> None:
+    """Raises: OutputExistsError when ``path`` exists (or is a dangling symlink) and not ``force``."""
+    if (path.exists() or path.is_symlink()) and not force:
+        raise OutputExistsError(f"{path} exists; pass --force to replace it")
+
+
+def write_gguf(
+    path: Path,
+    arch: str,
+    set_metadata: Callable[[gguf.GGUFWriter], None],
+    tensors: list[PlannedTensor],
+    outtype: str,
+    *,
+    force: bool,
+    progress_label: str,
+) -> Path:
+    """Write a complete GGUF at ``path`` (replacing a symlink itself, never its target).
+
+    Raises:
+        OutputExistsError: ``path`` exists and ``force`` is False.
+        TensorMappingError: a fix-up produced a shape other than planned.
+        OSError: the disk is full or the folder is not writable (the partial file is removed).
+    """
+    check_output(path, force)
+    qtype = OUTTYPES[outtype]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.partial")
+    try:
+        writer = gguf.GGUFWriter(tmp, arch)
+        set_metadata(writer)
+        writer.add_file_type(FILE_TYPES[outtype])
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        types = [output_type(t, qtype) for t in tensors]
+        for tensor, ttype in zip(tensors, types, strict=True):
+            byte_shape = gguf.quant_shape_to_byte_shape(tensor.shape, ttype)
+            if ttype in (QT.F32, QT.F16):
+                dtype = np.dtype(np.float32 if ttype == QT.F32 else np.float16)
+                nbytes = int(np.prod(tensor.shape)) * dtype.itemsize
+                writer.add_tensor_info(tensor.name, tensor.shape, dtype, nbytes)
+            else:
+                nbytes = int(np.prod(byte_shape))
+                writer.add_tensor_info(tensor.name, byte_shape, np.dtype(np.uint8), nbytes, ttype)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for tensor, ttype in tqdm(
+            list(zip(tensors, types, strict=True)), desc=progress_label, unit="tensor"
+        ):
+            data = tensor.source.load()
+            if tensor.transform is not None:
+                data = tensor.transform(data)
+            if data.shape != tensor.shape:
+                raise TensorMappingError(
+                    f"{tensor.source.name}: fix-up gave shape {data.shape}, planned {tensor.shape}"
+                )
+            writer.write_tensor_data(encode(data, ttype))
+            del data
+        writer.close()
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    return path
