@@ -312,9 +312,10 @@ class Gemma3Vision(Converter):
             "ffn_up": (self.n_ff, e),
             "ffn_down": (e, self.n_ff),
         }
-        shape = expected.get(gguf_name) or per_block.get(kind)
-        if shape is None:  # norms and biases
+        if gguf_name.endswith(".bias") or kind in ("ln1", "ln2") or gguf_name.startswith("v.post_ln"):
             shape = (self.n_ff,) if gguf_name.endswith("ffn_up.bias") else (e,)
+        else:
+            shape = expected.get(gguf_name) or per_block.get(kind) or (e,)
         check_shape(ref, shape)
         if gguf_name == "mm.soft_emb_norm.weight":
             return PlannedTensor(gguf_name, ref, ref.shape, plus_one, force_type=QT.F32)

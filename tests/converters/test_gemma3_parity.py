@@ -1,0 +1,129 @@
+"""Gemma 3 converted by us, run by llama.cpp, equals transformers (float32 reference)."""
+
+from __future__ import annotations
+
+import base64
+import io
+from typing import Any
+
+import llama_cpp
+import numpy as np
+import pytest
+import torch
+
+from converters.convert import ConversionResult
+from tests.converters.mtmd_embed import image_embeddings
+from tests.converters.parity import compare, llama_logits
+
+PROMPTS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "def fibonacci(n):\n    return n if n < 2 else fibonacci(n - 1) + fibonacci(n - 2)\n",
+    "东京は日本の首都です。 Emoji: 🙂🚀 and    four spaces.",
+    # Longer than the 16-token sliding window: local and global layers both matter.
+    " ".join(["Once upon a time, in a land far away, there lived a curious cat."] * 5),
+]
+
+
+def reference_logits(model: Any, ids: list[int]) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].float().numpy()
+
+
+@pytest.mark.parametrize("prompt", PROMPTS, ids=["english", "code", "cjk-emoji", "long"])
+def test_text_logits_f32(
+    hf_text: tuple[Any, Any], converted: dict[str, ConversionResult], prompt: str
+) -> None:
+    model, tokenizer = hf_text
+    ids = tokenizer(prompt)["input_ids"]
+    parity = compare(reference_logits(model, ids), llama_logits(str(converted["text-f32"].text), ids))
+    assert parity.relative <= 1e-3, parity
+    assert parity.top1_agree == 1.0, parity
+
+
+def test_text_logits_f16_top1(hf_text: tuple[Any, Any], converted: dict[str, ConversionResult]) -> None:
+    model, tokenizer = hf_text
+    agree, positions = 0.0, 0
+    for prompt in PROMPTS:
+        ids = tokenizer(prompt)["input_ids"]
+        parity = compare(reference_logits(model, ids), llama_logits(str(converted["text-f16"].text), ids))
+        agree += parity.top1_agree * parity.positions
+        positions += parity.positions
+    assert positions > 100
+    assert agree / positions >= 0.99
+
+
+def test_multimodal_language_model_logits_f32(
+    hf_mm: Any, hf_text: tuple[Any, Any], converted: dict[str, ConversionResult]
+) -> None:
+    _, tokenizer = hf_text
+    for prompt in PROMPTS[:2] + PROMPTS[3:]:
+        ids = tokenizer(prompt)["input_ids"]
+        with torch.no_grad():
+            reference = hf_mm(input_ids=torch.tensor([ids])).logits[0].float().numpy()
+        got = llama_logits(str(converted["mm-f32"].text), ids)
+        # Columns past the real vocabulary belong to the trimmed padding rows.
+        parity = compare(reference[:, : got.shape[1]], got)
+        assert parity.relative <= 1e-3, parity
+        assert parity.top1_agree == 1.0, parity
+
+
+def test_vision_embeddings_match_transformers(
+    hf_mm: Any, converted: dict[str, ConversionResult]
+) -> None:
+    size = hf_mm.config.vision_config.image_size
+    rng = np.random.default_rng(7)
+    images = [
+        rng.integers(0, 256, (size, size, 3), dtype=np.uint8),
+        np.full((size, size, 3), (200, 30, 90), dtype=np.uint8),
+        np.tile(np.linspace(0, 255, size, dtype=np.uint8)[None, :, None], (size, 1, 3)),
+    ]
+    result = converted["mm-f32"]
+    assert result.mmproj is not None
+    llama = llama_cpp.Llama(str(result.text), n_ctx=256, verbose=False)
+    try:
+        embeddings = image_embeddings(llama, result.mmproj, images)
+    finally:
+        llama.close()
+    for image, got in zip(images, embeddings, strict=True):
+        pixels = torch.tensor((image.astype(np.float32) / 255 - 0.5) / 0.5).permute(2, 0, 1)[None]
+        with torch.no_grad():
+            reference = hf_mm.get_image_features(pixels).pooler_output[0].numpy()
+        assert got.shape == reference.shape == (16, hf_mm.config.text_config.hidden_size)
+        cosine = (reference * got).sum(-1) / np.linalg.norm(reference, axis=-1) / np.linalg.norm(got, axis=-1)
+        assert cosine.min() >= 0.999, cosine
+    # Different images give different embeddings (the projector is not degenerate).
+    assert not np.allclose(embeddings[0], embeddings[1], atol=1e-3)
+
+
+def test_image_chat_through_llama_cpp_python_multimodal_path(converted: dict[str, ConversionResult]) -> None:
+    from llama_cpp.llama_chat_format import MTMDChatHandler
+    from PIL import Image
+
+    result = converted["mm-f32"]
+    assert result.mmproj is not None
+    buffer = io.BytesIO()
+    Image.new("RGB", (112, 112), (10, 200, 30)).save(buffer, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    handler = MTMDChatHandler(clip_model_path=str(result.mmproj), verbose=False, use_gpu=False)
+    llama = llama_cpp.Llama(str(result.text), n_ctx=512, chat_handler=handler, verbose=False)
+    try:
+        reply = llama.create_chat_completion(
+            messages=[
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image_url", "image_url": {"url": url}},
+                        {"type": "text", "text": "What is in the image?"},
+                    ],
+                }
+            ],
+            max_tokens=4,
+            temperature=0,
+        )
+    finally:
+        llama.close()
+    usage = reply["usage"]
+    # 16 image tokens plus the text around them went through the model.
+    assert usage["prompt_tokens"] > 16
+    assert usage["completion_tokens"] >= 1
+
