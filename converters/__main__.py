@@ -1,7 +1,7 @@
 """``ggufserve convert`` / ``ggufserve quantize`` (also ``python -m converters ...``).
 
-Exit codes: 0 on success, 2 for a named conversion error (one line on stderr, no
-traceback, nothing partial left behind).
+Exit codes: 0 on success, 2 for a named conversion error, 1 when the output cannot be
+written (disk full, permissions); one line on stderr, no traceback, nothing partial left.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from converters.errors import ConversionError
 from converters.quantize import QUANT_TYPES
 
 EXIT_ERROR = 2
+EXIT_IO = 1
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -100,6 +101,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConversionError as exc:
         print(f"ggufserve {args.command}: error: {exc.__class__.__name__}: {exc}", file=sys.stderr)
         return EXIT_ERROR
+    except OSError as exc:  # disk full, permissions: the partial output is already removed
+        reason = exc.strerror or exc.__class__.__name__
+        print(f"ggufserve {args.command}: error: cannot write output: {reason}", file=sys.stderr)
+        return EXIT_IO
     return 0
 
 
