@@ -77,11 +77,13 @@ def start_server(
     api_key: str | None = API_KEY,
     env: dict[str, str] | None = None,
     wait_ready: bool = True,
+    models_file: Path | None = None,
 ) -> RunningServer:
-    """Write a models.yaml, start ``python -m server serve`` on a free port, wait for /health."""
+    """Write a models.yaml (unless one is given), start ``python -m server serve`` on a free port, wait for /health."""
     tmp_dir.mkdir(parents=True, exist_ok=True)
-    models_file = tmp_dir / "models.yaml"
-    models_file.write_text(yaml.safe_dump({"models": entries}))
+    if models_file is None:
+        models_file = tmp_dir / "models.yaml"
+        models_file.write_text(yaml.safe_dump({"models": entries}))
     port = free_port()
     args = [sys.executable, "-m", "server", "serve", "--models", str(models_file)]
     args += ["--port", str(port)] + [a for e in entries for a in ("--model", str(e["id"]))]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,10 @@ from converters.convert import ConversionResult, convert
 from tests.converters.builders import CHAT_TEMPLATE, TEXT_CONFIG, VISION_CONFIG
 
 
+@functools.lru_cache(maxsize=8)
 def fields(path: Path) -> dict[str, Any]:
+    """Every KV and tensor (name → (ne, type)) of a GGUF; parsed once per file (slow:
+    gguf-py reads the 262k-entry vocabulary arrays in Python)."""
     reader = gguf.GGUFReader(path)
     out: dict[str, Any] = {}
     for name, field in reader.fields.items():
