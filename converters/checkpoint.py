@@ -47,7 +47,9 @@ class TensorRef:
     nbytes: int
 
     def load(self) -> np.ndarray:
-        """The tensor as float32, shape ``self.shape``; memory is released once dropped."""
+        """The tensor as float32, shape ``self.shape``; memory is released once dropped.
+
+        F32 data is a read-only view of the file's memory map (no copy)."""
         raw = np.memmap(
             self.path, dtype=np.uint8, mode="r", offset=self.offset, shape=(self.nbytes,)
         )
@@ -55,7 +57,9 @@ class TensorRef:
         if self.dtype == "BF16":
             # bfloat16 is the top half of a float32 (IEEE 754): widen by a 16-bit shift.
             data = (data.astype(np.uint32) << 16).view(np.float32)
-        return np.array(data, dtype=np.float32).reshape(self.shape)
+        elif self.dtype == "F16":
+            data = data.astype(np.float32)
+        return data.reshape(self.shape)
 
 
 class Checkpoint:
