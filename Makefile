@@ -50,9 +50,9 @@ test: $(STAMP_TEST)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP_TEST)
-	$(BIN)/ruff check server tests
-	$(BIN)/ruff format --check server tests
-	$(BIN)/mypy server
+	$(BIN)/ruff check server converters tests
+	$(BIN)/ruff format --check server converters tests
+	$(BIN)/mypy server converters
 
 # The peer server (llama-cpp-python[server]) pins its own FastAPI/Starlette: it gets a
 # separate environment so it cannot change ours. Same sdist, so pip's wheel cache is reused.

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -94,7 +95,9 @@ def converters_for(ckpt: Checkpoint) -> tuple[Converter, Converter | None]:
     raise UnsupportedArchitectureError(f"architecture {names} is not supported (known: {known})")
 
 
-def metadata_writer(converter: Converter, ckpt: Checkpoint, name: str, source: str):  # type: ignore[no-untyped-def]
+def metadata_writer(
+    converter: Converter, ckpt: Checkpoint, name: str, source: str
+) -> Callable[[gguf.GGUFWriter], None]:
     """general.* (name, basename, size label, license, source repo from the model card)
     followed by the converter's hparams."""
     n_params = sum(int(_count(r.shape)) for r in converter.claimed())

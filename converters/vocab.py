@@ -66,7 +66,7 @@ def _from_sentencepiece_model(data: bytes) -> Vocab:
     # SentencePieceProcessor API does not expose).
     from sentencepiece import sentencepiece_model_pb2
 
-    proto = sentencepiece_model_pb2.ModelProto()
+    proto = sentencepiece_model_pb2.ModelProto()  # type: ignore[attr-defined]
     try:
         proto.ParseFromString(data)
     except Exception:  # protobuf's DecodeError and friends
@@ -91,7 +91,9 @@ def _from_tokenizer_json(data: dict[str, Any]) -> Vocab:
     by_id = sorted((int(i), str(t)) for t, i in vocab.items())
     if [i for i, _ in by_id] != list(range(len(by_id))):
         raise VocabError("tokenizer.json vocabulary ids are not contiguous")
-    tokens, scores, types = [], [], []
+    tokens: list[str] = []
+    scores: list[float] = []
+    types: list[int] = []
     rank = 0
     for _, text in by_id:
         tokens.append(text)

@@ -75,7 +75,7 @@ def encode(data: np.ndarray, qtype: QT) -> np.ndarray:
 
 
 def check_output(path: Path, force: bool) -> None:
-    """Raises: OutputExistsError when ``path`` exists (or is a dangling symlink) and not ``force``."""
+    """Raises: OutputExistsError if ``path`` exists (even as a dangling link), unless ``force``."""
     if (path.exists() or path.is_symlink()) and not force:
         raise OutputExistsError(f"{path} exists; pass --force to replace it")
 

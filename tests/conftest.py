@@ -79,7 +79,8 @@ def start_server(
     wait_ready: bool = True,
     models_file: Path | None = None,
 ) -> RunningServer:
-    """Write a models.yaml (unless one is given), start ``python -m server serve`` on a free port, wait for /health."""
+    """Start ``python -m server serve`` on a free port (writing a models.yaml unless one is
+    given) and wait for /health."""
     tmp_dir.mkdir(parents=True, exist_ok=True)
     if models_file is None:
         models_file = tmp_dir / "models.yaml"

@@ -312,7 +312,11 @@ class Gemma3Vision(Converter):
             "ffn_up": (self.n_ff, e),
             "ffn_down": (e, self.n_ff),
         }
-        if gguf_name.endswith(".bias") or kind in ("ln1", "ln2") or gguf_name.startswith("v.post_ln"):
+        if (
+            gguf_name.endswith(".bias")
+            or kind in ("ln1", "ln2")
+            or gguf_name.startswith("v.post_ln")
+        ):
             shape = (self.n_ff,) if gguf_name.endswith("ffn_up.bias") else (e,)
         else:
             shape = expected.get(gguf_name) or per_block.get(kind) or (e,)

@@ -61,4 +61,6 @@ def hf_mm(gemma3_mm_ckpt: Path) -> Any:
     import torch
     from transformers import Gemma3ForConditionalGeneration
 
-    return Gemma3ForConditionalGeneration.from_pretrained(gemma3_mm_ckpt, dtype=torch.float32).eval()
+    return Gemma3ForConditionalGeneration.from_pretrained(
+        gemma3_mm_ckpt, dtype=torch.float32
+    ).eval()

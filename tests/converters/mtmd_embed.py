@@ -11,7 +11,9 @@ import numpy as np
 from llama_cpp import mtmd_cpp
 
 
-def image_embeddings(llama: llama_cpp.Llama, mmproj: Path, images: list[np.ndarray]) -> list[np.ndarray]:
+def image_embeddings(
+    llama: llama_cpp.Llama, mmproj: Path, images: list[np.ndarray]
+) -> list[np.ndarray]:
     """One (n_image_tokens, n_embd_text) float32 array per RGB uint8 image (H, W, 3)."""
     params = mtmd_cpp.mtmd_context_params_default()
     params.use_gpu = False
@@ -30,7 +32,9 @@ def image_embeddings(llama: llama_cpp.Llama, mmproj: Path, images: list[np.ndarr
 def _encode(ctx: mtmd_cpp.mtmd_context_p, image: np.ndarray, n_embd: int) -> np.ndarray:
     height, width, _ = image.shape
     raw = np.ascontiguousarray(image, dtype=np.uint8).tobytes()
-    bitmap = mtmd_cpp.mtmd_bitmap_init(width, height, (ctypes.c_uint8 * len(raw)).from_buffer_copy(raw))
+    bitmap = mtmd_cpp.mtmd_bitmap_init(
+        width, height, (ctypes.c_uint8 * len(raw)).from_buffer_copy(raw)
+    )
     chunks = mtmd_cpp.mtmd_input_chunks_init()
     try:
         marker = mtmd_cpp.mtmd_default_marker()
@@ -44,7 +48,11 @@ def _encode(ctx: mtmd_cpp.mtmd_context_p, image: np.ndarray, n_embd: int) -> np.
             assert mtmd_cpp.mtmd_encode_chunk(ctx, chunk) == 0
             n_tokens = mtmd_cpp.mtmd_input_chunk_get_n_tokens(chunk)
             out = mtmd_cpp.mtmd_get_output_embd(ctx)
-            return np.ctypeslib.as_array(out, shape=(n_tokens * n_embd,)).reshape(n_tokens, n_embd).copy()
+            return (
+                np.ctypeslib.as_array(out, shape=(n_tokens * n_embd,))
+                .reshape(n_tokens, n_embd)
+                .copy()
+            )
         raise AssertionError("no image chunk")
     finally:
         mtmd_cpp.mtmd_input_chunks_free(chunks)

@@ -24,7 +24,11 @@ TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json")
 
 
 def make_ckpt(
-    folder: Path, source: Path, *, config: dict[str, Any] | None = None, weights: bytes | None = None
+    folder: Path,
+    source: Path,
+    *,
+    config: dict[str, Any] | None = None,
+    weights: bytes | None = None,
 ) -> Path:
     """A checkpoint folder with the tiny model's tokenizer, a config and given weights."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -70,7 +74,9 @@ F32_4x4 = {"model.norm.weight": {"dtype": "F32", "shape": [4, 4], "data_offsets"
         (raw_safetensors(F32_4x4, bytes(64), length=10_000), "invalid safetensors"),
         (raw_safetensors(b"{not json", bytes(64)), "invalid safetensors"),
         (
-            raw_safetensors({"w": {"dtype": "F32", "shape": [4, 4], "data_offsets": [0, 10**9]}}, bytes(64)),
+            raw_safetensors(
+                {"w": {"dtype": "F32", "shape": [4, 4], "data_offsets": [0, 10**9]}}, bytes(64)
+            ),
             "invalid safetensors",
         ),
         (
@@ -83,14 +89,36 @@ F32_4x4 = {"model.norm.weight": {"dtype": "F32", "shape": [4, 4], "data_offsets"
             ),
             "invalid safetensors",
         ),
-        (raw_safetensors({"w": {"dtype": "F32", "shape": [4, 4], "data_offsets": [0, 8]}}, bytes(8)), "invalid safetensors"),
-        (raw_safetensors({"w": {"dtype": "F32", "shape": [-1, 4], "data_offsets": [0, 16]}}, bytes(16)), "invalid safetensors"),
         (
-            raw_safetensors({"w": {"dtype": "F32", "shape": [2**40, 2**40], "data_offsets": [0, 16]}}, bytes(16)),
+            raw_safetensors(
+                {"w": {"dtype": "F32", "shape": [4, 4], "data_offsets": [0, 8]}}, bytes(8)
+            ),
             "invalid safetensors",
         ),
-        (raw_safetensors({"w": {"dtype": "Q9_X", "shape": [4], "data_offsets": [0, 16]}}, bytes(16)), "invalid safetensors"),
-        (raw_safetensors({"w": {"dtype": "I64", "shape": [2], "data_offsets": [0, 16]}}, bytes(16)), "unsupported dtype I64"),
+        (
+            raw_safetensors(
+                {"w": {"dtype": "F32", "shape": [-1, 4], "data_offsets": [0, 16]}}, bytes(16)
+            ),
+            "invalid safetensors",
+        ),
+        (
+            raw_safetensors(
+                {"w": {"dtype": "F32", "shape": [2**40, 2**40], "data_offsets": [0, 16]}}, bytes(16)
+            ),
+            "invalid safetensors",
+        ),
+        (
+            raw_safetensors(
+                {"w": {"dtype": "Q9_X", "shape": [4], "data_offsets": [0, 16]}}, bytes(16)
+            ),
+            "invalid safetensors",
+        ),
+        (
+            raw_safetensors(
+                {"w": {"dtype": "I64", "shape": [2], "data_offsets": [0, 16]}}, bytes(16)
+            ),
+            "unsupported dtype I64",
+        ),
         (b"\x01\x02", "invalid safetensors"),
     ],
     ids=[
@@ -108,7 +136,11 @@ F32_4x4 = {"model.norm.weight": {"dtype": "F32", "shape": [4, 4], "data_offsets"
     ],
 )
 def test_bad_safetensors(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], gemma3_text_ckpt: Path, weights: bytes, text: str
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    gemma3_text_ckpt: Path,
+    weights: bytes,
+    text: str,
 ) -> None:
     folder = make_ckpt(tmp_path / "ckpt", gemma3_text_ckpt, weights=weights)
     expect_failure(tmp_path, capsys, folder, "SafetensorsError", text)
@@ -132,7 +164,11 @@ def config_with(source: Path, **changes: Any) -> dict[str, Any]:
         ({"num_attention_heads": True}, "ConfigError", "key 'num_attention_heads' must be int"),
         ({"query_pre_attn_scalar": 99}, "ConfigError", "query_pre_attn_scalar"),
         ({"attn_logit_softcapping": 50.0}, "ConfigError", "attn_logit_softcapping"),
-        ({"architectures": ["LlamaForCausalLM"]}, "UnsupportedArchitectureError", "LlamaForCausalLM"),
+        (
+            {"architectures": ["LlamaForCausalLM"]},
+            "UnsupportedArchitectureError",
+            "LlamaForCausalLM",
+        ),
         ({"architectures": None}, "UnsupportedArchitectureError", "no 'architectures'"),
         ({"auto_map": {"AutoModel": "evil.Model"}}, "CheckpointError", "remote code"),
     ],
@@ -145,12 +181,16 @@ def test_bad_config(
     error: str,
     text: str,
 ) -> None:
-    folder = make_ckpt(tmp_path / "ckpt", gemma3_text_ckpt, config=config_with(gemma3_text_ckpt, **changes))
+    folder = make_ckpt(
+        tmp_path / "ckpt", gemma3_text_ckpt, config=config_with(gemma3_text_ckpt, **changes)
+    )
     os.symlink(gemma3_text_ckpt / "model.safetensors", folder / "model.safetensors")
     expect_failure(tmp_path, capsys, folder, error, text)
 
 
-def test_config_not_json(tmp_path: Path, capsys: pytest.CaptureFixture[str], gemma3_text_ckpt: Path) -> None:
+def test_config_not_json(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], gemma3_text_ckpt: Path
+) -> None:
     folder = make_ckpt(tmp_path / "ckpt", gemma3_text_ckpt)
     (folder / "config.json").write_text("{broken")
     expect_failure(tmp_path, capsys, folder, "ConfigError", "config.json is not readable JSON")
@@ -165,7 +205,11 @@ def test_config_not_json(tmp_path: Path, capsys: pytest.CaptureFixture[str], gem
     ],
 )
 def test_bad_index(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], gemma3_text_ckpt: Path, shard: str, text: str
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    gemma3_text_ckpt: Path,
+    shard: str,
+    text: str,
 ) -> None:
     folder = make_ckpt(tmp_path / "ckpt", gemma3_text_ckpt)
     save_file({"x": np.zeros(4, np.float32)}, str(tmp_path / "outside.safetensors"))
@@ -174,15 +218,24 @@ def test_bad_index(
     expect_failure(tmp_path, capsys, folder, "CheckpointError", text)
 
 
-def test_index_disagrees_with_shard(tmp_path: Path, capsys: pytest.CaptureFixture[str], gemma3_text_ckpt: Path) -> None:
+def test_index_disagrees_with_shard(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], gemma3_text_ckpt: Path
+) -> None:
     folder = make_ckpt(tmp_path / "ckpt", gemma3_text_ckpt)
     save_file({"model.norm.weight": np.zeros(64, np.float32)}, str(folder / "a.safetensors"))
-    index = {"weight_map": {"model.norm.weight": "a.safetensors", "model.embed_tokens.weight": "a.safetensors"}}
+    index = {
+        "weight_map": {
+            "model.norm.weight": "a.safetensors",
+            "model.embed_tokens.weight": "a.safetensors",
+        }
+    }
     (folder / "model.safetensors.index.json").write_text(json.dumps(index))
     expect_failure(tmp_path, capsys, folder, "CheckpointError", "which lacks it")
 
 
-def test_pickle_weights_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str], gemma3_text_ckpt: Path) -> None:
+def test_pickle_weights_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], gemma3_text_ckpt: Path
+) -> None:
     folder = make_ckpt(tmp_path / "ckpt", gemma3_text_ckpt)
     (folder / "pytorch_model.bin").write_bytes(b"\x80\x04 pickle that would run code")
     expect_failure(tmp_path, capsys, folder, "CheckpointError", "pickle")
@@ -191,9 +244,21 @@ def test_pickle_weights_refused(tmp_path: Path, capsys: pytest.CaptureFixture[st
 @pytest.mark.parametrize(
     ("tensors", "error", "text"),
     [
-        ({"model.layers.0.mystery.weight": np.zeros(64, np.float32)}, "TensorMappingError", "no GGUF name for tensor 'model.layers.0.mystery.weight'"),
-        ({"foo.bar": np.zeros(4, np.float32)}, "TensorMappingError", "belong to no converter (first: foo.bar)"),
-        ({"model.layers.0.self_attn.q_proj.weight": np.zeros((3, 3), np.float32)}, "TensorMappingError", "has shape [3, 3]"),
+        (
+            {"model.layers.0.mystery.weight": np.zeros(64, np.float32)},
+            "TensorMappingError",
+            "no GGUF name for tensor 'model.layers.0.mystery.weight'",
+        ),
+        (
+            {"foo.bar": np.zeros(4, np.float32)},
+            "TensorMappingError",
+            "belong to no converter (first: foo.bar)",
+        ),
+        (
+            {"model.layers.0.self_attn.q_proj.weight": np.zeros((3, 3), np.float32)},
+            "TensorMappingError",
+            "has shape [3, 3]",
+        ),
     ],
 )
 def test_unmappable_tensors_are_fatal(
@@ -209,7 +274,9 @@ def test_unmappable_tensors_are_fatal(
     expect_failure(tmp_path, capsys, folder, error, text)
 
 
-def test_missing_tokenizer(tmp_path: Path, capsys: pytest.CaptureFixture[str], gemma3_text_ckpt: Path) -> None:
+def test_missing_tokenizer(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], gemma3_text_ckpt: Path
+) -> None:
     folder = make_ckpt(tmp_path / "ckpt", gemma3_text_ckpt)
     (folder / "tokenizer.model").unlink()
     os.symlink(gemma3_text_ckpt / "model.safetensors", folder / "model.safetensors")

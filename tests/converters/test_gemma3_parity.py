@@ -35,17 +35,23 @@ def test_text_logits_f32(
 ) -> None:
     model, tokenizer = hf_text
     ids = tokenizer(prompt)["input_ids"]
-    parity = compare(reference_logits(model, ids), llama_logits(str(converted["text-f32"].text), ids))
+    parity = compare(
+        reference_logits(model, ids), llama_logits(str(converted["text-f32"].text), ids)
+    )
     assert parity.relative <= 1e-3, parity
     assert parity.top1_agree == 1.0, parity
 
 
-def test_text_logits_f16_top1(hf_text: tuple[Any, Any], converted: dict[str, ConversionResult]) -> None:
+def test_text_logits_f16_top1(
+    hf_text: tuple[Any, Any], converted: dict[str, ConversionResult]
+) -> None:
     model, tokenizer = hf_text
     agree, positions = 0.0, 0
     for prompt in PROMPTS:
         ids = tokenizer(prompt)["input_ids"]
-        parity = compare(reference_logits(model, ids), llama_logits(str(converted["text-f16"].text), ids))
+        parity = compare(
+            reference_logits(model, ids), llama_logits(str(converted["text-f16"].text), ids)
+        )
         agree += parity.top1_agree * parity.positions
         positions += parity.positions
     assert positions > 100
@@ -89,13 +95,19 @@ def test_vision_embeddings_match_transformers(
         with torch.no_grad():
             reference = hf_mm.get_image_features(pixels).pooler_output[0].numpy()
         assert got.shape == reference.shape == (16, hf_mm.config.text_config.hidden_size)
-        cosine = (reference * got).sum(-1) / np.linalg.norm(reference, axis=-1) / np.linalg.norm(got, axis=-1)
+        cosine = (
+            (reference * got).sum(-1)
+            / np.linalg.norm(reference, axis=-1)
+            / np.linalg.norm(got, axis=-1)
+        )
         assert cosine.min() >= 0.999, cosine
     # Different images give different embeddings (the projector is not degenerate).
     assert not np.allclose(embeddings[0], embeddings[1], atol=1e-3)
 
 
-def test_image_chat_through_llama_cpp_python_multimodal_path(converted: dict[str, ConversionResult]) -> None:
+def test_image_chat_through_llama_cpp_python_multimodal_path(
+    converted: dict[str, ConversionResult],
+) -> None:
     from llama_cpp.llama_chat_format import MTMDChatHandler
     from PIL import Image
 
@@ -126,4 +138,3 @@ def test_image_chat_through_llama_cpp_python_multimodal_path(converted: dict[str
     # 16 image tokens plus the text around them went through the model.
     assert usage["prompt_tokens"] > 16
     assert usage["completion_tokens"] >= 1
-

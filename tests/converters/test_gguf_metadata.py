@@ -25,7 +25,9 @@ def fields(path: Path) -> dict[str, Any]:
             out[name] = field.contents() if name.endswith("token_type") else len(field.data)
         else:
             out[name] = field.contents()
-    out["tensors"] = {t.name: (tuple(int(x) for x in t.shape), t.tensor_type.name) for t in reader.tensors}
+    out["tensors"] = {
+        t.name: (tuple(int(x) for x in t.shape), t.tensor_type.name) for t in reader.tensors
+    }
     return out
 
 
@@ -79,7 +81,9 @@ def test_text_tensors_types_and_shapes(converted: dict[str, ConversionResult]) -
     assert t16["blk.5.post_ffw_norm.weight"] == ((64,), "F32")
 
 
-def test_multimodal_vocab_keeps_image_token_and_trims_padding(converted: dict[str, ConversionResult]) -> None:
+def test_multimodal_vocab_keeps_image_token_and_trims_padding(
+    converted: dict[str, ConversionResult],
+) -> None:
     f = fields(converted["mm-f32"].text)
     # 262,208 embedding rows in the checkpoint; 262,144 tokens + <image_soft_token> are real.
     assert len(f["tokenizer.ggml.token_type"]) == 262_145

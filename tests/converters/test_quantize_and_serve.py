@@ -52,17 +52,35 @@ def test_convert_quantize_register_then_serve(
     server_factory: Callable[..., RunningServer],
 ) -> None:
     models = tmp_path / "models.yaml"
-    models.write_text("# my models\nmodels:\n  - id: other\n    gguf: {path: other.gguf}  # keep me\n")
+    models.write_text(
+        "# my models\nmodels:\n  - id: other\n    gguf: {path: other.gguf}  # keep me\n"
+    )
     out = tmp_path / "out"
     for source, name in ((gemma3_text_ckpt, "tiny-text"), (gemma3_mm_ckpt, "tiny-mm")):
         code = main(
-            ["convert", str(source), "--out", str(out), "--name", name, "--quant", "Q4_K_M",
-             "--quant", "Q8_0", "--register", "--models", str(models)]
+            [
+                "convert",
+                str(source),
+                "--out",
+                str(out),
+                "--name",
+                name,
+                "--quant",
+                "Q4_K_M",
+                "--quant",
+                "Q8_0",
+                "--register",
+                "--models",
+                str(models),
+            ]
         )
         assert code == 0
     text = models.read_text()
     assert "# my models" in text and "# keep me" in text  # comments survive
-    assert "gguf: {path: out/tiny-text-Q4_K_M.gguf}" in text or "path: out/tiny-text-Q4_K_M.gguf" in text
+    assert (
+        "gguf: {path: out/tiny-text-Q4_K_M.gguf}" in text
+        or "path: out/tiny-text-Q4_K_M.gguf" in text
+    )
     assert "mmproj-tiny-mm-F16.gguf" in text
     assert sorted(p.name for p in out.iterdir()) == [
         "mmproj-tiny-mm-F16.gguf",
@@ -74,8 +92,23 @@ def test_convert_quantize_register_then_serve(
         "tiny-text-Q8_0.gguf",
     ]
     # Registering again updates the entry instead of adding a second one.
-    assert main(["convert", str(gemma3_text_ckpt), "--out", str(out), "--name", "tiny-text",
-                 "--force", "--register", "--models", str(models)]) == 0
+    assert (
+        main(
+            [
+                "convert",
+                str(gemma3_text_ckpt),
+                "--out",
+                str(out),
+                "--name",
+                "tiny-text",
+                "--force",
+                "--register",
+                "--models",
+                str(models),
+            ]
+        )
+        == 0
+    )
     assert models.read_text().count("id: tiny-text") == 1
     running = server_factory(
         [{"id": "tiny-text"}, {"id": "tiny-mm"}], models_file=models, api_key=None
@@ -83,8 +116,12 @@ def test_convert_quantize_register_then_serve(
     for model in ("tiny-text", "tiny-mm"):
         response = httpx.post(
             f"{running.v1}/chat/completions",
-            json={"model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3,
-                  "logit_bias": {"1": -100, "106": -100}},
+            json={
+                "model": model,
+                "messages": [{"role": "user", "content": "Hi"}],
+                "max_tokens": 3,
+                "logit_bias": {"1": -100, "106": -100},
+            },
             timeout=60,
         )
         assert response.status_code == 200, response.text

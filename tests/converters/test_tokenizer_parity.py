@@ -43,7 +43,21 @@ BASE = [
     "Ünïcödé ßtraße",
     "math: ∑ ∫ √ ∞ ≈ ≠",
 ]
-WORDS = ["alpha", "beta", "γάμμα", "дельта", "東京", "🙂", "code()", "x=1", "\n", "  ", "\t", "ünï", "end."]
+WORDS = [
+    "alpha",
+    "beta",
+    "γάμμα",
+    "дельта",
+    "東京",
+    "🙂",
+    "code()",
+    "x=1",
+    "\n",
+    "  ",
+    "\t",
+    "ünï",
+    "end.",
+]
 
 
 def corpus() -> list[str]:
@@ -51,7 +65,12 @@ def corpus() -> list[str]:
     strings = list(BASE)
     strings += [a + " " + b for a, b in itertools.combinations(BASE[:20], 2)]
     for _ in range(300):
-        strings.append("".join(rng.choice(WORDS) + rng.choice(["", " ", "  ", "\n"]) for _ in range(rng.randint(1, 12))))
+        strings.append(
+            "".join(
+                rng.choice(WORDS) + rng.choice(["", " ", "  ", "\n"])
+                for _ in range(rng.randint(1, 12))
+            )
+        )
     return strings
 
 
@@ -62,7 +81,9 @@ def test_corpus_is_large_and_varied() -> None:
 
 
 @pytest.mark.parametrize("which", ["text-f32", "mm-f32"])
-def test_tokenizer_parity(hf_text: tuple[Any, Any], converted: dict[str, ConversionResult], which: str) -> None:
+def test_tokenizer_parity(
+    hf_text: tuple[Any, Any], converted: dict[str, ConversionResult], which: str
+) -> None:
     _, tokenizer = hf_text
     llama = llama_cpp.Llama(str(converted[which].text), vocab_only=True, verbose=False)
     mismatches = []

