@@ -21,7 +21,7 @@ export CMAKE_ARGS ?= $(CMAKE_ARGS_$(BACKEND))
 STAMP_RUN := $(VENV)/.installed-$(BACKEND)
 STAMP_TEST := $(VENV)/.installed-test-$(BACKEND)
 
-.PHONY: install serve test lint bench clean
+.PHONY: install serve test lint bench bench-convert clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -66,3 +66,7 @@ bench: $(STAMP_TEST) $(BENCH_VENV)/.installed
 
 clean:
 	rm -rf $(VENV) $(BENCH_VENV) .pytest_cache .mypy_cache .ruff_cache
+
+# Peak RSS and speed of converting a 2 GB (Gemma 3 1B-shaped, bf16) checkpoint.
+bench-convert: $(STAMP_TEST)
+	$(BIN)/python -m tests.bench.convert_memory

@@ -178,28 +178,21 @@ def convert(
         if path is not None:
             check_output(path, force)
     result = ConversionResult(text=text_path, mmproj=mmproj_path)
-    write_gguf(
-        text_path,
-        text.gguf_arch,
-        metadata_writer(text, ckpt, name, source),
-        text_plan,
-        outtype,
-        force=force,
-        progress_label="text model",
-    )
-    result.seconds["text"] = time.monotonic() - started
+    outputs = [("text", text_path, text, text_plan, outtype)]
     if vision is not None and mmproj_path is not None:
+        outputs.append(("mmproj", mmproj_path, vision, vision_plan, mmproj_type))
+    for label, path, converter, plan, otype in outputs:
         mark = time.monotonic()
         write_gguf(
-            mmproj_path,
-            vision.gguf_arch,
-            metadata_writer(vision, ckpt, name, source),
-            vision_plan,
-            mmproj_type,
+            path,
+            converter.gguf_arch,
+            metadata_writer(converter, ckpt, name, source),
+            plan,
+            otype,
             force=force,
-            progress_label="mmproj",
+            progress_label=label,
         )
-        result.seconds["mmproj"] = time.monotonic() - mark
+        result.seconds[label] = time.monotonic() - mark
     for quant, path in quant_paths.items():
         mark = time.monotonic()
         result.quantized[quant] = quantize(text_path, path, quant, force=force)

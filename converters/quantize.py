@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import os
-import uuid
 from pathlib import Path
 
 from converters.errors import QuantizationError
-from converters.writer import check_output
+from converters.writer import atomic_path, check_output
 
 # Output type name (llama.cpp's `llama-quantize` spelling) → llama_ftype constant name.
 QUANT_TYPES = {
@@ -52,16 +50,10 @@ def quantize(
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, ftype_name)
     params.nthread = n_threads or os.cpu_count() or 1
-    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.partial")
-    try:
+    with atomic_path(target) as tmp:
         status = llama_cpp.llama_model_quantize(
             str(source).encode(), str(tmp).encode(), ctypes.byref(params)
         )
         if status != 0 or not tmp.is_file():
             raise QuantizationError(f"llama.cpp could not quantize {source.name} to {quant_type}")
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
     return target

@@ -3,7 +3,6 @@ file's comments and order (ruamel.yaml round-trip)."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +10,7 @@ from ruamel.yaml import YAML
 from ruamel.yaml.error import YAMLError
 
 from converters.errors import ConversionError
+from converters.writer import atomic_path
 
 
 class RegistrationError(ConversionError):
@@ -55,7 +55,5 @@ def register(models_file: Path, model_id: str, gguf: Path, mmproj: Path | None) 
             break
     else:
         models.append(entry)
-    tmp = models_file.with_name(f".{models_file.name}.partial")
-    with tmp.open("w", encoding="utf-8") as handle:
+    with atomic_path(models_file) as tmp, tmp.open("w", encoding="utf-8") as handle:
         yaml.dump(data, handle)
-    os.replace(tmp, models_file)

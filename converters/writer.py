@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,6 +74,20 @@ def encode(data: np.ndarray, qtype: QT) -> np.ndarray:
     return gguf.quants.quantize(data, qtype)
 
 
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary name beside ``path``; rename it to ``path`` if the block succeeds,
+    delete it if the block fails (so no partial file is ever left under either name)."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.partial")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
 def check_output(path: Path, force: bool) -> None:
     """Raises: OutputExistsError if ``path`` exists (even as a dangling link), unless ``force``."""
     if (path.exists() or path.is_symlink()) and not force:
@@ -100,8 +114,7 @@ def write_gguf(
     check_output(path, force)
     qtype = OUTTYPES[outtype]
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.partial")
-    try:
+    with atomic_path(path) as tmp:
         writer = gguf.GGUFWriter(tmp, arch)
         set_metadata(writer)
         writer.add_file_type(FILE_TYPES[outtype])
@@ -134,9 +147,4 @@ def write_gguf(
         writer.close()
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
     return path

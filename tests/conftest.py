@@ -16,12 +16,25 @@ import httpx
 import pytest
 import yaml
 
+from server.templates import ChatTemplate, fallback_template
+
 REPO = Path(__file__).resolve().parent.parent
 API_KEY = "test-key"
 STARTUP_TIMEOUT_S = 180
 # Gemma 3 ids of <eos> and <end_of_turn>: banning them forces generations to full length.
 GEMMA3_EOG_IDS = (1, 106)
 NO_EOG = {str(token): -100 for token in GEMMA3_EOG_IDS}
+
+
+def gemma3_template() -> ChatTemplate:
+    """The server's built-in Gemma 3 template, as the server renders it for the bundled model."""
+    return ChatTemplate(
+        fallback_template("gemma3") or "",
+        bos_token="<bos>",
+        eos_token="<eos>",
+        timeout_s=5,
+        max_output_chars=10**6,
+    )
 
 
 @pytest.fixture(scope="session")

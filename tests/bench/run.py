@@ -29,7 +29,7 @@ from typing import Any, Protocol
 
 import httpx
 
-from tests.conftest import REPO, free_port, model_entry, start_server
+from tests.conftest import REPO, free_port, gemma3_template, model_entry, start_server
 
 PROMPTS = [
     "Write a long story about a lighthouse keeper who finds a message in a bottle.",
@@ -111,8 +111,6 @@ class InProcess:
     def __init__(self, model: Path, threads: int, max_tokens: int, n_ctx: int, method: str):
         import llama_cpp
 
-        from server.templates import ChatTemplate, fallback_template
-
         self.name = (
             "llama.cpp generate() (limit)"
             if method == "generate"
@@ -124,13 +122,7 @@ class InProcess:
             str(model), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, verbose=False
         )
         self._is_eog = partial(llama_cpp.llama_vocab_is_eog, self._llama._model.vocab)
-        template = ChatTemplate(
-            fallback_template("gemma3") or "",
-            bos_token="<bos>",
-            eos_token="<eos>",
-            timeout_s=5,
-            max_output_chars=10**6,
-        )
+        template = gemma3_template()
         self._prompts = [
             self._llama.tokenize(
                 template.render([{"role": "user", "content": p}]).encode(),

@@ -38,6 +38,7 @@ def test_text_logits_f32(
     parity = compare(
         reference_logits(model, ids), llama_logits(str(converted["text-f32"].text), ids)
     )
+    print(f"\nF32 {len(ids)} tokens: {parity}")
     assert parity.relative <= 1e-3, parity
     assert parity.top1_agree == 1.0, parity
 
@@ -54,6 +55,7 @@ def test_text_logits_f16_top1(
         )
         agree += parity.top1_agree * parity.positions
         positions += parity.positions
+    print(f"\nF16 top-1 agreement {agree / positions:.4f} over {positions} clear positions")
     assert positions > 100
     assert agree / positions >= 0.99
 
@@ -69,6 +71,7 @@ def test_multimodal_language_model_logits_f32(
         got = llama_logits(str(converted["mm-f32"].text), ids)
         # Columns past the real vocabulary belong to the trimmed padding rows.
         parity = compare(reference[:, : got.shape[1]], got)
+        print(f"\nmultimodal text F32: {parity}")
         assert parity.relative <= 1e-3, parity
         assert parity.top1_agree == 1.0, parity
 
@@ -100,6 +103,7 @@ def test_vision_embeddings_match_transformers(
             / np.linalg.norm(reference, axis=-1)
             / np.linalg.norm(got, axis=-1)
         )
+        print(f"\nimage: cosine min {cosine.min():.7f}, max|d| {np.abs(reference - got).max():.2e}")
         assert cosine.min() >= 0.999, cosine
     # Different images give different embeddings (the projector is not degenerate).
     assert not np.allclose(embeddings[0], embeddings[1], atol=1e-3)

@@ -6,8 +6,7 @@ import llama_cpp
 import openai
 import pytest
 
-from server.templates import ChatTemplate, fallback_template
-from tests.conftest import NO_EOG
+from tests.conftest import NO_EOG, gemma3_template
 from tests.e2e.conftest import MODEL
 
 MESSAGES = [
@@ -18,14 +17,7 @@ MESSAGES = [
 
 def expected_prompt_tokens(vocab: llama_cpp.Llama, messages: list[dict[str, str]]) -> list[int]:
     """Render Gemma 3's turn format independently of the server and tokenize it."""
-    template = ChatTemplate(
-        fallback_template("gemma3") or "",
-        bos_token="<bos>",
-        eos_token="<eos>",
-        timeout_s=5,
-        max_output_chars=10**6,
-    )
-    text = template.render(messages, add_generation_prompt=True)
+    text = gemma3_template().render(messages, add_generation_prompt=True)
     assert text.startswith("<bos><start_of_turn>user\nYou answer in one short sentence.\n\n")
     return vocab.tokenize(text.encode(), add_bos=False, special=True)
 
