@@ -3,8 +3,8 @@
 Everything is validated before anything is written: the index against the shards, every
 shard header (by the ``safetensors`` library: header size, JSON, offsets, byte counts,
 dtypes), and the weight formats (pickle formats and remote code are refused). Tensor
-data is read one tensor at a time from a memory map, so memory does not grow with the
-model.
+data is read a range of rows at a time from a memory map, so memory does not grow with
+the model.
 """
 
 from __future__ import annotations
@@ -46,20 +46,34 @@ class TensorRef:
     offset: int
     nbytes: int
 
-    def load(self) -> np.ndarray:
-        """The tensor as float32, shape ``self.shape``; memory is released once dropped.
+    @property
+    def n_rows(self) -> int:
+        """Length of axis 0 (1 for a scalar)."""
+        return self.shape[0] if self.shape else 1
 
-        F32 data is a read-only view of the file's memory map (no copy)."""
-        raw = np.memmap(
-            self.path, dtype=np.uint8, mode="r", offset=self.offset, shape=(self.nbytes,)
+    def load(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Rows ``start:stop`` of axis 0 as float32 (all rows by default), shape
+        ``(stop - start, *shape[1:])``. Only those bytes are mapped; the memory is
+        released once the array is dropped."""
+        stop = self.n_rows if stop is None else stop
+        itemsize = np.dtype(DTYPES[self.dtype]).itemsize
+        row_items = int(np.prod(self.shape[1:], dtype=np.int64)) if self.shape else 1
+        count = (stop - start) * row_items
+        data = np.memmap(
+            self.path,
+            dtype=DTYPES[self.dtype],
+            mode="r",
+            offset=self.offset + start * row_items * itemsize,
+            shape=(count,),
         )
-        data = raw.view(DTYPES[self.dtype])
         if self.dtype == "BF16":
             # bfloat16 is the top half of a float32 (IEEE 754): widen by a 16-bit shift.
-            data = (data.astype(np.uint32) << 16).view(np.float32)
-        elif self.dtype == "F16":
-            data = data.astype(np.float32)
-        return data.reshape(self.shape)
+            widened = data.astype(np.uint32)
+            widened <<= 16
+            out = widened.view(np.float32)
+        else:
+            out = data.astype(np.float32)
+        return out.reshape((stop - start, *self.shape[1:]) if self.shape else ())
 
 
 class Checkpoint:

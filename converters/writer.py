@@ -1,9 +1,10 @@
 """Stream planned tensors into a GGUF file with ``gguf.GGUFWriter``, atomically.
 
 Tensor infos are declared first (shapes and types are known from the plan), then each
-tensor is read, fixed up, converted and written before the next is read: peak memory is
-the largest tensor (in float32) plus a fixed margin. The file is written under a temporary
-name in the target folder and renamed into place only when complete.
+tensor is streamed: rows are read, fixed up and encoded a chunk at a time
+(``CHUNK_BYTES`` of float32), so peak memory is a fixed margin whatever the model or
+tensor size. The file is written under a temporary name in the target folder and renamed
+into place only when complete.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import gguf
 import numpy as np
@@ -23,6 +25,7 @@ from tqdm import tqdm
 from converters.checkpoint import TensorRef
 from converters.errors import OutputExistsError, TensorMappingError
 
+CHUNK_BYTES = 32 * 2**20  # float32 working set of one chunk: 32 MiB
 # --outtype → GGML type of 2-D weights; 1-D tensors (norms, biases) always stay F32.
 OUTTYPES = {"f32": QT.F32, "f16": QT.F16, "bf16": QT.BF16, "q8_0": QT.Q8_0}
 # GGUF general.file_type (llama_ftype) of each --outtype.
@@ -41,9 +44,12 @@ class PlannedTensor:
     Attributes:
         name: GGUF tensor name (e.g. ``blk.0.attn_q.weight``).
         source: The checkpoint tensor it is made from.
-        shape: Shape after ``transform``, in numpy/PyTorch order; GGML's ``ne`` is the
-            reverse (``ne[0]`` is the last, contiguous axis).
-        transform: Numeric fix-up (``+1`` on a norm, row trimming, reshaping), or None.
+        shape: Output shape in numpy/PyTorch order; GGML's ``ne`` is the reverse
+            (``ne[0]`` is the last, contiguous axis). Equals the source's shape, with
+            axis 0 cut to ``keep_rows`` when that is set.
+        transform: Element-wise numeric fix-up (e.g. ``+1`` on a norm), or None; applied
+            chunk by chunk, so it must not mix rows.
+        keep_rows: Keep only the first rows of axis 0 (vocabulary trimming), or None.
         force_type: A GGML type this tensor must have whatever ``--outtype`` says.
     """
 
@@ -51,7 +57,41 @@ class PlannedTensor:
     source: TensorRef
     shape: tuple[int, ...]
     transform: Callable[[np.ndarray], np.ndarray] | None = None
+    keep_rows: int | None = None
     force_type: QT | None = None
+
+
+class _StreamedTensor:
+    """What ``GGUFWriter.write_tensor_data`` uses of an array (``nbytes``, ``tofile``),
+    producing the encoded bytes chunk by chunk instead of holding the whole tensor."""
+
+    def __init__(self, tensor: PlannedTensor, ttype: QT, nbytes: int):
+        self.tensor = tensor
+        self.ttype = ttype
+        self.nbytes = nbytes
+
+    def tofile(self, handle: BinaryIO) -> None:
+        tensor = self.tensor
+        rows = tensor.shape[0] if tensor.shape else 1
+        row_bytes = 4 * max(1, int(np.prod(tensor.shape[1:], dtype=np.int64)))
+        step = max(1, CHUNK_BYTES // row_bytes)
+        written = 0
+        for start in range(0, rows, step):
+            data = tensor.source.load(start, min(rows, start + step))
+            if tensor.transform is not None:
+                data = tensor.transform(data)
+            if data.shape[1:] != tensor.shape[1:]:
+                raise TensorMappingError(
+                    f"{tensor.source.name}: fix-up gave rows of shape {data.shape[1:]}, "
+                    f"planned {tensor.shape[1:]}"
+                )
+            encoded = encode(data, self.ttype)
+            encoded.tofile(handle)
+            written += encoded.nbytes
+        if written != self.nbytes:
+            raise TensorMappingError(
+                f"{tensor.source.name}: wrote {written} bytes, planned {self.nbytes}"
+            )
 
 
 def output_type(tensor: PlannedTensor, outtype: QT) -> QT:
@@ -120,6 +160,7 @@ def write_gguf(
         writer.add_file_type(FILE_TYPES[outtype])
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         types = [output_type(t, qtype) for t in tensors]
+        sizes = []
         for tensor, ttype in zip(tensors, types, strict=True):
             byte_shape = gguf.quant_shape_to_byte_shape(tensor.shape, ttype)
             if ttype in (QT.F32, QT.F16):
@@ -129,21 +170,15 @@ def write_gguf(
             else:
                 nbytes = int(np.prod(byte_shape))
                 writer.add_tensor_info(tensor.name, byte_shape, np.dtype(np.uint8), nbytes, ttype)
+            sizes.append(nbytes)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        for tensor, ttype in tqdm(
-            list(zip(tensors, types, strict=True)), desc=progress_label, unit="tensor"
+        for tensor, ttype, nbytes in tqdm(
+            list(zip(tensors, types, sizes, strict=True)), desc=progress_label, unit="tensor"
         ):
-            data = tensor.source.load()
-            if tensor.transform is not None:
-                data = tensor.transform(data)
-            if data.shape != tensor.shape:
-                raise TensorMappingError(
-                    f"{tensor.source.name}: fix-up gave shape {data.shape}, planned {tensor.shape}"
-                )
-            writer.write_tensor_data(encode(data, ttype))
-            del data
+            # Duck-typed: the writer pads, then calls tofile(), which streams the chunks.
+            writer.write_tensor_data(_StreamedTensor(tensor, ttype, nbytes))  # type: ignore[arg-type]
         writer.close()
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())

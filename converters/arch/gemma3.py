@@ -212,7 +212,7 @@ class Gemma3Text(Converter):
         if kind in ("token_embd", "output"):
             # Rows past the tokenizer's vocabulary are padding (262,208 rows, 262,144 +
             # added tokens): llama.cpp needs rows == tokens (convert_hf_to_gguf.py Gemma3Model).
-            return PlannedTensor(gguf_name, ref, (n_vocab, self.n_embd), lambda d: d[:n_vocab])
+            return PlannedTensor(gguf_name, ref, (n_vocab, self.n_embd), keep_rows=n_vocab)
         if name.endswith("norm.weight"):
             return PlannedTensor(gguf_name, ref, ref.shape, plus_one, force_type=QT.F32)
         return PlannedTensor(gguf_name, ref, ref.shape)

@@ -21,9 +21,9 @@ from tests.converters.parity import compare, llama_logits
 from tests.converters.real_weights import build_real_gemma3_270m
 
 MiB = 2**20
-# Peak RSS of a conversion: Python + numpy + gguf-py (measured ~150 MB here) plus the
-# largest tensor; the whole F32 model (1,023 MiB) must never be resident at once.
-FIXED_MARGIN_MB = 400
+# Tensors stream through in 32 MiB chunks: peak RSS is Python + numpy + gguf-py + a few
+# chunks (361 MiB measured for both a 1 GiB and a 2 GiB checkpoint), whatever the size.
+FIXED_MARGIN_MB = 512
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +78,7 @@ def text_ids(tokenizer: Any, n_tokens: int) -> list[int]:
     return ids
 
 
-def test_conversion_memory_is_bounded_by_largest_tensor(
+def test_conversion_memory_is_a_fixed_margin(
     real_ckpt: Path, real_f32: dict[str, Any]
 ) -> None:
     from converters.checkpoint import Checkpoint
@@ -92,8 +92,8 @@ def test_conversion_memory_is_bounded_by_largest_tensor(
         f"largest tensor {largest / MiB:.0f} MiB, "
         f"conversion peak RSS {peak / MiB:.0f} MiB"
     )
-    assert peak <= largest + FIXED_MARGIN_MB * MiB
-    assert peak < total  # never the whole model at once
+    assert peak <= FIXED_MARGIN_MB * MiB
+    assert peak < largest  # not even the largest tensor is held whole
 
 
 def test_round_trip_logits_equal_transformers(real_ckpt: Path, real_f32: dict[str, Any]) -> None:
