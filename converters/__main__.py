@@ -73,9 +73,8 @@ def _run_convert(args: argparse.Namespace) -> None:
     print("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in result.seconds.items()))
     if args.register:
         served = next(iter(result.quantized.values()), result.text)
-        model_id = args.name or Path(args.source).name
-        register(args.models, model_id, served, result.mmproj)
-        print(f"registered '{model_id}' in {args.models}")
+        register(args.models, result.name, served, result.mmproj)
+        print(f"registered '{result.name}' in {args.models}")
 
 
 def _run_quantize(args: argparse.Namespace) -> None:

@@ -44,8 +44,9 @@ HUB_PATTERNS = [
 
 @dataclass
 class ConversionResult:
-    """Paths written and timings (seconds)."""
+    """The output base name, paths written and timings (seconds)."""
 
+    name: str
     text: Path
     mmproj: Path | None
     quantized: dict[str, Path] = field(default_factory=dict)
@@ -169,7 +170,8 @@ def convert(
     ckpt = Checkpoint.open(root)
     text, vision = converters_for(ckpt)
     text_plan, vision_plan = plan_all(ckpt, text, vision)
-    name = name or root.name
+    # A repo id's snapshot folder is a commit hash: name outputs after the repo instead.
+    name = name or Path(source.rstrip("/")).name or root.resolve().name
     outtype = _auto_outtype(ckpt) if outtype == "auto" else outtype
     text_path = out_dir / f"{name}-{outtype.upper()}.gguf"
     mmproj_path = out_dir / f"mmproj-{name}-{mmproj_type.upper()}.gguf" if vision else None
@@ -177,7 +179,7 @@ def convert(
     for path in [text_path, mmproj_path, *quant_paths.values()]:
         if path is not None:
             check_output(path, force)
-    result = ConversionResult(text=text_path, mmproj=mmproj_path)
+    result = ConversionResult(name=name, text=text_path, mmproj=mmproj_path)
     outputs = [("text", text_path, text, text_plan, outtype)]
     if vision is not None and mmproj_path is not None:
         outputs.append(("mmproj", mmproj_path, vision, vision_plan, mmproj_type))

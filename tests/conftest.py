@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -24,6 +25,25 @@ STARTUP_TIMEOUT_S = 180
 # Gemma 3 ids of <eos> and <end_of_turn>: banning them forces generations to full length.
 GEMMA3_EOG_IDS = (1, 106)
 NO_EOG = {str(token): -100 for token in GEMMA3_EOG_IDS}
+
+
+def fake_hub_cache(root: Path, repo: str, files: dict[str, Path]) -> Path:
+    """Lay out a Hugging Face cache entry as huggingface_hub writes it (blobs, a snapshot
+    of symlinks, refs/main); return the snapshot folder."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo_dir = root / ("models--" + repo.replace("/", "--"))
+    snapshot = repo_dir / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (repo_dir / "blobs").mkdir()
+    for index, (name, source) in enumerate(sorted(files.items())):
+        blob = repo_dir / "blobs" / f"{index:040x}"
+        os.link(source, blob) if source.stat().st_dev == root.stat().st_dev else shutil.copy(
+            source, blob
+        )
+        (snapshot / name).symlink_to(os.path.relpath(blob, snapshot))
+    (repo_dir / "refs").mkdir()
+    (repo_dir / "refs" / "main").write_text(commit)
+    return snapshot
 
 
 def gemma3_template() -> ChatTemplate:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,7 +15,7 @@ import pytest
 from converters.__main__ import main
 from converters.convert import ConversionResult
 from converters.quantize import QUANT_TYPES
-from tests.conftest import RunningServer
+from tests.conftest import REPO, RunningServer, fake_hub_cache
 
 REQUIRED_TYPES = ["Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q4_K_M", "Q4_K_S", "Q4_0", "IQ4_NL"]
 
@@ -126,3 +129,37 @@ def test_convert_quantize_register_then_serve(
         )
         assert response.status_code == 200, response.text
         assert response.json()["usage"]["completion_tokens"] == 3
+
+
+def test_convert_from_hub_repo_id_offline(gemma3_text_ckpt: Path, tmp_path: Path) -> None:
+    """A repo id resolves through huggingface_hub's cache with HF_HUB_OFFLINE=1."""
+    files = {p.name: p for p in gemma3_text_ckpt.iterdir() if not p.name.startswith(".")}
+    fake_hub_cache(tmp_path / "hub", "example-org/tiny-gemma-3", files)
+    out = tmp_path / "out"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")}
+    command = [
+        sys.executable,
+        "-m",
+        "converters",
+        "convert",
+        "example-org/tiny-gemma-3",
+        "--out",
+        str(out),
+    ]
+    result = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert [p.name for p in out.iterdir()] == ["tiny-gemma-3-F32.gguf"]
+    llama = llama_cpp.Llama(str(out / "tiny-gemma-3-F32.gguf"), vocab_only=True, verbose=False)
+    assert (
+        llama.metadata["general.source.repo_url"]
+        == "https://huggingface.co/example-org/tiny-gemma-3"
+    )
+    missing = subprocess.run(
+        [*command[:4], "example-org/not-cached", "--out", str(out)],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert missing.returncode == 2
+    assert "not in the Hugging Face cache" in missing.stderr and "Traceback" not in missing.stderr

@@ -78,9 +78,7 @@ def text_ids(tokenizer: Any, n_tokens: int) -> list[int]:
     return ids
 
 
-def test_conversion_memory_is_a_fixed_margin(
-    real_ckpt: Path, real_f32: dict[str, Any]
-) -> None:
+def test_conversion_memory_is_a_fixed_margin(real_ckpt: Path, real_f32: dict[str, Any]) -> None:
     from converters.checkpoint import Checkpoint
 
     ckpt = Checkpoint.open(real_ckpt)

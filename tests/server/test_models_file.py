@@ -12,7 +12,7 @@ import yaml
 
 from server.model_files import resolve
 from server.settings import FileSource, ModelsFileError, load_models_file, parse_models_file
-from tests.conftest import REPO
+from tests.conftest import REPO, fake_hub_cache
 
 GOOD = {"id": "m", "gguf": {"path": "m.gguf"}}
 
@@ -98,24 +98,11 @@ def test_package_source_assembles_bundled_model(bundled_gguf: Path) -> None:
         resolve(FileSource(package="yaml"), Path("."))
 
 
-def fake_hub_cache(root: Path, repo: str, filename: str, content: bytes) -> Path:
-    """Lay out a Hugging Face cache entry exactly as huggingface_hub writes it."""
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    repo_dir = root / ("models--" + repo.replace("/", "--"))
-    blob = repo_dir / "blobs" / "deadbeef"
-    blob.parent.mkdir(parents=True)
-    blob.write_bytes(content)
-    snapshot = repo_dir / "snapshots" / commit / filename
-    snapshot.parent.mkdir(parents=True)
-    snapshot.symlink_to(os.path.relpath(blob, snapshot.parent))
-    (repo_dir / "refs").mkdir()
-    (repo_dir / "refs" / "main").write_text(commit)
-    return snapshot
-
-
 def test_hf_source_resolves_from_offline_cache(tmp_path: Path) -> None:
     cache = tmp_path / "hub"
-    fake_hub_cache(cache, "org/model-GGUF", "model-Q4_K_M.gguf", b"GGUF-bytes")
+    blob = tmp_path / "blob"
+    blob.write_bytes(b"GGUF-bytes")
+    fake_hub_cache(cache, "org/model-GGUF", {"model-Q4_K_M.gguf": blob})
     code = (
         "from pathlib import Path; from server.model_files import resolve; "
         "from server.settings import FileSource; "
