@@ -6,6 +6,7 @@ response is sent, so that even ``stream=true`` requests get real HTTP errors.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import secrets
 import time
@@ -30,6 +31,7 @@ from server.errors import (
     ModelUnavailableError,
     QueueFullError,
 )
+from server.images import ImageLimits, load_image
 from server.protocol import (
     ChatCompletion,
     ChatCompletionChunk,
@@ -45,7 +47,7 @@ from server.protocol import (
 )
 from server.registry import ModelRegistry, ServedModel
 from server.settings import ServerSettings
-from server.templates import ChatTemplateError
+from server.templates import IMAGE_PLACEHOLDERS, ChatTemplateError
 
 # llama.cpp treats seed 0xFFFFFFFF as "pick a random seed" (LLAMA_DEFAULT_SEED).
 SEED_MODULUS = 2**32 - 1
@@ -86,30 +88,40 @@ class ChatService:
         """
         _reject_unsupported(body)
         served = self._registry.get(body.model)
-        messages = _template_messages(body)
-        chars = sum(len(m["content"]) for m in messages)
+        assert served.engine is not None
+        vision = served.engine.info.vision
+        messages, image_urls = _template_messages(body, vision=vision)
+        chars = sum(len(_text_of(m["content"])) for m in messages)
         if chars > self._settings.max_prompt_chars:
             raise InvalidRequestError(
                 f"The messages hold {chars} characters; the limit is "
                 f"{self._settings.max_prompt_chars}.",
                 param="messages",
             )
-        # Rendering and tokenizing a long prompt takes milliseconds to seconds: off the loop.
-        prompt = await anyio.to_thread.run_sync(_render_and_tokenize, served, messages)
-        n_ctx = served.engine.info.n_ctx if served.engine else 0
+        prompt: list[int] = []
+        media = None
+        if image_urls:
+            media = await self._media_prompt(served, messages, image_urls)
+            n_prompt = media.n_tokens
+        else:
+            # Rendering and tokenizing a long prompt takes milliseconds to seconds: off the loop.
+            prompt = await anyio.to_thread.run_sync(_render_and_tokenize, served, messages)
+            n_prompt = len(prompt)
+        n_ctx = served.engine.info.n_ctx
         max_tokens = body.max_completion_tokens or body.max_tokens
-        if len(prompt) >= n_ctx or (max_tokens is not None and len(prompt) + max_tokens > n_ctx):
+        if n_prompt >= n_ctx or (max_tokens is not None and n_prompt + max_tokens > n_ctx):
             wanted = max_tokens or 1
             raise ContextLengthExceededError(
                 f"This model's maximum context length is {n_ctx} tokens. However, you requested "
-                f"{len(prompt) + wanted} tokens ({len(prompt)} in the messages, {wanted} in the "
+                f"{n_prompt + wanted} tokens ({n_prompt} in the messages, {wanted} in the "
                 "completion). Please reduce the length of the messages or completion."
             )
         job = GenerationRequest(
             prompt_tokens=prompt,
-            max_tokens=max_tokens or n_ctx - len(prompt),
+            max_tokens=max_tokens or n_ctx - n_prompt,
             sampling=_sampling(body, served),
             stop=list(body.stop or []),
+            media=media,
         )
         return PreparedChat(
             served=served,
@@ -118,6 +130,38 @@ class ChatService:
             created=int(time.time()),
             include_usage=bool(body.stream_options and body.stream_options.include_usage),
         )
+
+    async def _media_prompt(
+        self, served: ServedModel, messages: list[dict[str, Any]], urls: list[tuple[str, str]]
+    ) -> Any:
+        """Fetch and decode every image (concurrently), render the template with mtmd's
+        marker where each image goes, and tokenize text and images together.
+
+        Raises:
+            InvalidRequestError: too many images, a bad image (ImageInputError), or a
+                template that does not place exactly one marker per image.
+        """
+        settings = self._settings
+        if len(urls) > settings.max_images_per_request:
+            raise InvalidRequestError(
+                f"At most {settings.max_images_per_request} images per request.",
+                param="messages",
+            )
+        limits = ImageLimits(
+            max_images=settings.max_images_per_request,
+            max_image_bytes=settings.max_image_bytes,
+            max_image_pixels=settings.max_image_pixels,
+            fetch_timeout_s=settings.image_fetch_timeout_s,
+            max_redirects=settings.max_image_redirects,
+            local_media_root=settings.local_media_root,
+            allowed_private_networks=tuple(settings.allowed_private_networks),
+        )
+        images = list(
+            await asyncio.gather(*(load_image(url, limits, param=param) for url, param in urls))
+        )
+        assert served.engine is not None
+        engine = served.engine
+        return await anyio.to_thread.run_sync(_render_media, served, engine, messages, images)
 
     def start(self, prepared: PreparedChat) -> Generation:
         """Queue the job on the model's engine.
@@ -235,32 +279,83 @@ def _reject_unsupported(body: ChatCompletionRequest) -> None:
         )
 
 
-def _template_messages(body: ChatCompletionRequest) -> list[dict[str, Any]]:
-    """OpenAI messages → the ``{"role", "content": str}`` dicts chat templates expect.
+def _text_of(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    return "".join(part.get("text", "") for part in content)
 
-    ``developer`` is OpenAI's new name for ``system``; text parts are joined by newlines.
+
+def _template_messages(
+    body: ChatCompletionRequest, *, vision: bool
+) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
+    """OpenAI messages → the ``{"role", "content"}`` dicts chat templates expect, and the
+    image URLs in order with their request paths.
+
+    ``developer`` is OpenAI's new name for ``system``. Content without images becomes one
+    string (text parts joined by newlines); with images, a list of ``{"type": "text"}`` and
+    ``{"type": "image"}`` parts in the order sent.
 
     Raises:
-        InvalidRequestError: an image part (this build's models are text-only).
+        InvalidRequestError: an image part for a model without a vision projector.
     """
     out: list[dict[str, Any]] = []
+    urls: list[tuple[str, str]] = []
     for index, message in enumerate(body.messages):
         role = "system" if isinstance(message, SystemMessage) else message.role
         content = message.content
-        if content is None:
-            text = ""
-        elif isinstance(content, str):
-            text = content
-        else:
-            for part_index, part in enumerate(content):
-                if isinstance(part, ImagePart):
+        if content is None or isinstance(content, str):
+            out.append({"role": role, "content": content or ""})
+            continue
+        parts: list[dict[str, Any]] = []
+        for part_index, part in enumerate(content):
+            if isinstance(part, ImagePart):
+                param = f"messages.{index}.content.{part_index}"
+                if not vision:
                     raise InvalidRequestError(
-                        f"The model '{body.model}' does not accept image input.",
-                        param=f"messages.{index}.content.{part_index}",
+                        f"The model '{body.model}' does not accept image input.", param=param
                     )
-            text = "\n".join(part.text for part in content if isinstance(part, TextPart))
-        out.append({"role": role, "content": text})
-    return out
+                urls.append((part.image_url.url, param))
+                parts.append({"type": "image"})
+            elif isinstance(part, TextPart):
+                parts.append({"type": "text", "text": part.text})
+        if any(p["type"] == "image" for p in parts):
+            out.append({"role": role, "content": parts})
+        else:
+            out.append({"role": role, "content": "\n".join(p["text"] for p in parts)})
+    return out, urls
+
+
+def _render_media(
+    served: ServedModel, engine: Any, messages: list[dict[str, Any]], images: list[Any]
+) -> Any:
+    """Render, put mtmd's marker where the template placed each image, tokenize.
+
+    Raises:
+        InvalidRequestError: the template rejected the messages, or placed a number of
+            images other than the number sent.
+    """
+    assert served.template is not None
+    try:
+        prompt = served.template.render(messages, add_generation_prompt=True)
+    except ChatTemplateError as exc:
+        raise InvalidRequestError(exc.client_message, param="messages") from None
+    placeholder, replacement = IMAGE_PLACEHOLDERS.get(engine.info.architecture, ("", ""))
+    if not placeholder or prompt.count(placeholder) != len(images):
+        raise InvalidRequestError(
+            "The model's chat template does not place the images of this request.",
+            param="messages",
+        )
+    prompt = prompt.replace(placeholder, replacement.format(marker=engine.media_marker))
+    try:
+        return engine.tokenize_media(prompt, images)
+    except UnicodeEncodeError:
+        raise InvalidRequestError(
+            "The messages contain invalid Unicode (unpaired surrogates).", param="messages"
+        ) from None
+    except ValueError:
+        raise InvalidRequestError(
+            "The images could not be placed in the prompt.", param="messages"
+        ) from None
 
 
 def _render_and_tokenize(served: ServedModel, messages: list[dict[str, Any]]) -> list[int]:

@@ -13,7 +13,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from server.engine.llama import LlamaEngine, ModelLoadError
+from server.engine.base import ModelLoadError
+from server.engine.llama import LlamaEngine
 from server.errors import ModelNotFoundError, ModelUnavailableError
 from server.model_files import resolve
 from server.settings import ModelEntry, ModelsFileError, ServerSettings
@@ -122,6 +123,7 @@ class ModelRegistry:
     def _load(self, served: ServedModel) -> None:
         entry = served.entry
         path = resolve(entry.gguf, served.base_dir)
+        mmproj = resolve(entry.mmproj, served.base_dir) if entry.mmproj else None
         engine = LlamaEngine(
             path,
             n_ctx=entry.n_ctx,
@@ -129,6 +131,7 @@ class ModelRegistry:
             n_threads=entry.n_threads,
             n_batch=entry.n_batch,
             max_queued=self._settings.max_queued_requests,
+            mmproj_path=mmproj,
         )
         try:
             served.template = self._template(served, engine)

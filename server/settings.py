@@ -185,3 +185,12 @@ class ServerSettings(BaseSettings):
     template_timeout_s: Annotated[float, Field(gt=0)] = 2.0
     cors_allow_origins: list[str] = []
     log_level: str = "info"
+    # Images (vision models)
+    max_images_per_request: Annotated[int, Field(ge=0)] = 8
+    max_image_bytes: Annotated[int, Field(ge=1)] = 20_000_000
+    max_image_pixels: Annotated[int, Field(ge=1)] = 50_000_000
+    image_fetch_timeout_s: Annotated[float, Field(gt=0)] = 10.0
+    max_image_redirects: Annotated[int, Field(ge=0)] = 3
+    local_media_root: Path | None = None
+    # Test-only: non-public networks image URLs may point to (e.g. ["127.0.0.0/8"]).
+    allowed_private_networks: list[str] = []

@@ -22,6 +22,10 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 # llama.cpp `general.architecture` → fallback template shipped in server/chat_templates/.
 FALLBACK_TEMPLATES = {"gemma3": "gemma3.jinja"}
+# What a template renders for an image part, and what replaces it around mtmd's marker:
+# Gemma3Processor (transformers) writes "\n\n<start_of_image>[image]<end_of_image>\n\n";
+# mtmd adds <start_of_image>/<end_of_image> itself, so only the newlines are ours.
+IMAGE_PLACEHOLDERS = {"gemma3": ("<start_of_image>", "\n\n{marker}\n\n")}
 
 
 class ChatTemplateError(Exception):

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 FinishReason = Literal["stop", "length"]
+
+
+class ModelLoadError(Exception):
+    """llama.cpp could not load the GGUF file or its mmproj (missing, corrupt, unsupported)."""
 
 
 @dataclass(frozen=True)
@@ -40,6 +44,8 @@ class GenerationRequest:
     max_tokens: int
     sampling: SamplingParams
     stop: list[str] = field(default_factory=list)
+    # With images: the engine's tokenized text + image chunks (prompt_tokens is then empty).
+    media: Any = None
 
 
 @dataclass(frozen=True)
@@ -78,6 +84,7 @@ class ModelInfo:
         bos_token_id: Id of BOS.
         add_bos: Whether the model wants a BOS at the start of every prompt.
         chat_template: The GGUF's ``tokenizer.chat_template``, if any.
+        vision: Whether an mmproj is loaded (image input accepted).
     """
 
     architecture: str
@@ -88,6 +95,7 @@ class ModelInfo:
     bos_token_id: int
     add_bos: bool
     chat_template: str | None
+    vision: bool = False
 
 
 @dataclass

@@ -17,18 +17,17 @@ from server.engine.base import (
     FinishReason,
     GenerationRequest,
     ModelInfo,
+    ModelLoadError,
     SamplingParams,
     TextDelta,
 )
+from server.engine.media import MediaPrompt, Mtmd
 from server.engine.text import StopScanner
 from server.engine.worker import Generation, Worker
+from server.images import LoadedImage
 
 # llama.cpp's server default for the penalty window (common/common.h, penalty_last_n).
 PENALTY_LAST_N = 64
-
-
-class ModelLoadError(Exception):
-    """llama.cpp could not load the GGUF file (missing, corrupt, or unsupported)."""
 
 
 class LlamaEngine:
@@ -39,8 +38,10 @@ class LlamaEngine:
         n_ctx: Context size in tokens.
         n_gpu_layers: Layers to offload (-1 = all; ignored by CPU builds).
         n_threads: Threads for generation and prompt processing (None = all cores).
-        n_batch: Logical and physical batch size for prompt processing, in tokens.
+        n_batch: Logical and physical batch size for prompt processing, in tokens (at
+            least one image's tokens: Gemma 3 image chunks are decoded in one batch).
         max_queued: Requests allowed to wait behind the running one.
+        mmproj_path: The vision projector GGUF, or None for a text-only model.
 
     Raises:
         ModelLoadError: llama.cpp failed to load the file.
@@ -55,6 +56,7 @@ class LlamaEngine:
         n_threads: int | None,
         n_batch: int,
         max_queued: int,
+        mmproj_path: Path | None = None,
     ):
         threads = n_threads or os.cpu_count() or 1
         try:
@@ -73,6 +75,11 @@ class LlamaEngine:
         self._vocab = self._llama._model.vocab
         self._n_swa = llama_cpp.llama_model_n_swa(self._llama._model.model)
         self._pieces: dict[int, bytes] = {}
+        self._mtmd = (
+            Mtmd(mmproj_path, self._llama, n_threads=threads, use_gpu=n_gpu_layers != 0)
+            if mmproj_path is not None
+            else None
+        )
         self.info = self._read_info()
         self.stats = EngineStats()
         self._worker = Worker(self._run, max_queued=max_queued, name=f"llama:{model_path.name}")
@@ -89,6 +96,7 @@ class LlamaEngine:
             bos_token_id=bos,
             add_bos=bool(llama_cpp.llama_vocab_get_add_bos(self._vocab)),
             chat_template=llama.metadata.get("tokenizer.chat_template"),
+            vision=self._mtmd is not None,
         )
 
     def _token_text(self, token: int) -> str:
@@ -106,6 +114,21 @@ class LlamaEngine:
         """
         return self._llama.tokenize(text.encode("utf-8"), add_bos=False, special=True)
 
+    @property
+    def media_marker(self) -> str:
+        """The text that stands for one image in a prompt (mtmd's marker)."""
+        assert self._mtmd is not None
+        return self._mtmd.marker
+
+    def tokenize_media(self, prompt: str, images: list[LoadedImage]) -> MediaPrompt:
+        """Tokenize a prompt holding one media marker per image (any thread).
+
+        Raises:
+            ValueError: the markers and images do not match.
+        """
+        assert self._mtmd is not None
+        return self._mtmd.tokenize(prompt, images)
+
     def submit(self, request: GenerationRequest) -> Generation:
         """Queue a generation; iterate ``Generation.events()`` on the calling event loop.
 
@@ -122,6 +145,8 @@ class LlamaEngine:
 
     def close(self) -> None:
         self._worker.close()
+        if self._mtmd is not None:
+            self._mtmd.close()
         self._llama.close()
 
     # ---- worker thread only ---------------------------------------------------------
@@ -130,10 +155,15 @@ class LlamaEngine:
         request = job.request
         llama = self._llama
         prompt = request.prompt_tokens
-        reused = self._reuse_prefix(prompt)
-        pending = prompt[reused:]
-        self.stats.prompt_tokens += len(prompt)
-        self.stats.prompt_tokens_reused += reused
+        if request.media is not None:
+            assert self._mtmd is not None
+            self._mtmd.evaluate(request.media, llama)
+            n_prompt, pending = request.media.n_tokens, []
+        else:
+            reused = self._reuse_prefix(prompt)
+            n_prompt, pending = len(prompt), prompt[reused:]
+            self.stats.prompt_tokens_reused += reused
+        self.stats.prompt_tokens += n_prompt
         scanner = StopScanner(request.stop)
         sampler = self._sampler(request.sampling)
         completion_tokens = 0
@@ -165,7 +195,7 @@ class LlamaEngine:
         if tail:
             job.emit(TextDelta(tail))
         self.stats.requests_finished += 1
-        job.emit(Finished(finish_reason, len(prompt), completion_tokens))
+        job.emit(Finished(finish_reason, n_prompt, completion_tokens))
 
     def _reuse_prefix(self, prompt: list[int]) -> int:
         """Keep the longest cached prefix of ``prompt`` in the KV cache; return its length.

@@ -17,9 +17,13 @@ import gguf
 import numpy as np
 
 CACHE = Path(os.environ.get("GGUFSERVE_TEST_CACHE", Path.home() / ".cache" / "ggufserve-tests"))
+# Gemma 3's turn format; image parts render as <start_of_image> as in Gemma 3's own template.
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}<start_of_turn>"
-    "{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n{{ m['content'] | trim }}"
+    "{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n"
+    "{% if m['content'] is string %}{{ m['content'] | trim }}{% else %}"
+    "{% for p in m['content'] %}{% if p['type'] == 'image' %}<start_of_image>"
+    "{% else %}{{ p['text'] | trim }}{% endif %}{% endfor %}{% endif %}"
     "<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
 )
 # Small seeded shapes; query_pre_attn_scalar = head_dim and 6 layers (5 local : 1 global)

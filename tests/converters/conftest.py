@@ -8,27 +8,6 @@ from typing import Any
 import pytest
 
 from converters.convert import ConversionResult, convert
-from tests.converters.builders import (
-    MM_TOKENS_PER_IMAGE,
-    TEXT_CONFIG,
-    VISION_CONFIG,
-    build_gemma3_multimodal,
-    build_gemma3_text,
-    cached,
-)
-
-
-@pytest.fixture(scope="session")
-def gemma3_text_ckpt(bundled_gguf: Path) -> Path:
-    """Gemma3ForCausalLM, 6 layers, hidden 64, real Gemma 3 vocabulary, float32."""
-    return cached("gemma3-text", TEXT_CONFIG, lambda d: build_gemma3_text(d, bundled_gguf))
-
-
-@pytest.fixture(scope="session")
-def gemma3_mm_ckpt(bundled_gguf: Path) -> Path:
-    """Gemma3ForConditionalGeneration (transformers 5 layout) with a 2-layer SigLIP tower."""
-    recipe = {"t": TEXT_CONFIG, "v": VISION_CONFIG, "m": MM_TOKENS_PER_IMAGE}
-    return cached("gemma3-mm", recipe, lambda d: build_gemma3_multimodal(d, bundled_gguf))
 
 
 @pytest.fixture(scope="session")

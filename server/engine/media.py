@@ -1,0 +1,132 @@
+"""Images in prompts through llama.cpp's mtmd: tokenize text + bitmaps into chunks, and
+evaluate those chunks on the model's context (on the engine's worker thread)."""
+
+from __future__ import annotations
+
+import ctypes
+import weakref
+from pathlib import Path
+
+import llama_cpp
+from llama_cpp import mtmd_cpp
+
+from server.engine.base import ModelLoadError
+from server.images import LoadedImage
+
+
+class MediaPrompt:
+    """mtmd's chunks for one prompt (freed with this object).
+
+    Attributes:
+        n_tokens: Positions the prompt fills in the context (text tokens + image tokens).
+        first_token: The first text token (for the BOS check).
+    """
+
+    def __init__(self, chunks: mtmd_cpp.mtmd_input_chunks_p, n_tokens: int, first_token: int):
+        self.chunks = chunks
+        self.n_tokens = n_tokens
+        self.first_token = first_token
+        weakref.finalize(self, mtmd_cpp.mtmd_input_chunks_free, chunks)
+
+
+class Mtmd:
+    """An mtmd context for one model and its mmproj.
+
+    Raises (on construction):
+        ModelLoadError: llama.cpp cannot load the mmproj for this model.
+    """
+
+    def __init__(self, mmproj: Path, llama: llama_cpp.Llama, *, n_threads: int, use_gpu: bool):
+        params = mtmd_cpp.mtmd_context_params_default()
+        params.use_gpu = use_gpu
+        params.n_threads = n_threads
+        params.print_timings = False
+        params.warmup = False
+        ctx = mtmd_cpp.mtmd_init_from_file(str(mmproj).encode(), llama._model.model, params)
+        if not ctx or not mtmd_cpp.mtmd_support_vision(ctx):
+            raise ModelLoadError("llama.cpp could not load the vision projector (mmproj)")
+        self._ctx = ctx
+        self.marker = mtmd_cpp.mtmd_default_marker().decode()
+        self._finalizer = weakref.finalize(self, mtmd_cpp.mtmd_free, ctx)
+
+    def close(self) -> None:
+        self._finalizer()
+
+    def tokenize(self, prompt: str, images: list[LoadedImage]) -> MediaPrompt:
+        """Split ``prompt`` at each media marker and tokenize, one image per marker.
+
+        Raises:
+            ValueError: marker and image counts differ, or mtmd refused the input.
+        """
+        bitmaps = [
+            mtmd_cpp.mtmd_bitmap_init(
+                image.width,
+                image.height,
+                (ctypes.c_uint8 * len(image.rgb)).from_buffer_copy(image.rgb),
+            )
+            for image in images
+        ]
+        chunks = mtmd_cpp.mtmd_input_chunks_init()
+        try:
+            encoded = prompt.encode("utf-8")
+            text = mtmd_cpp.mtmd_input_text(encoded, len(encoded), False, True)
+            array = (mtmd_cpp.mtmd_bitmap_p_ctypes * max(1, len(bitmaps)))(*bitmaps)
+            status = mtmd_cpp.mtmd_tokenize(
+                self._ctx, chunks, ctypes.byref(text), array, len(bitmaps)
+            )
+            if status != 0:
+                raise ValueError("the prompt's media markers do not match its images")
+            n_tokens, first = 0, -1
+            for index in range(mtmd_cpp.mtmd_input_chunks_size(chunks)):
+                chunk = mtmd_cpp.mtmd_input_chunks_get(chunks, index)
+                n_tokens += mtmd_cpp.mtmd_input_chunk_get_n_tokens(chunk)
+                if first < 0 and self._is_text(chunk):
+                    first = self.text_tokens(chunk)[0]
+        except BaseException:
+            mtmd_cpp.mtmd_input_chunks_free(chunks)
+            raise
+        finally:
+            for bitmap in bitmaps:
+                mtmd_cpp.mtmd_bitmap_free(bitmap)
+        return MediaPrompt(chunks, n_tokens, first)
+
+    @staticmethod
+    def _is_text(chunk: mtmd_cpp.mtmd_input_chunk_p) -> bool:
+        return mtmd_cpp.mtmd_input_chunk_get_type(chunk) == mtmd_cpp.MTMD_INPUT_CHUNK_TYPE_TEXT
+
+    @staticmethod
+    def text_tokens(chunk: mtmd_cpp.mtmd_input_chunk_p) -> list[int]:
+        count = ctypes.c_size_t(0)
+        tokens = mtmd_cpp.mtmd_input_chunk_get_tokens_text(chunk, ctypes.byref(count))
+        return [int(tokens[i]) for i in range(count.value)]
+
+    def evaluate(self, prompt: MediaPrompt, llama: llama_cpp.Llama) -> None:
+        """Decode every chunk from position 0 (worker thread only). Text goes through
+        ``Llama.eval`` (which keeps its token bookkeeping); image positions are recorded
+        as -1 so later prefix reuse stops before them.
+
+        Raises:
+            RuntimeError: llama.cpp failed to encode or decode an image chunk.
+        """
+        llama.n_tokens = 0
+        llama._ctx.kv_cache_seq_rm(-1, 0, -1)
+        for index in range(mtmd_cpp.mtmd_input_chunks_size(prompt.chunks)):
+            chunk = mtmd_cpp.mtmd_input_chunks_get(prompt.chunks, index)
+            if self._is_text(chunk):
+                llama.eval(self.text_tokens(chunk))
+                continue
+            new_n_past = llama_cpp.llama_pos(0)
+            status = mtmd_cpp.mtmd_helper_eval_chunk_single(
+                self._ctx,
+                llama._ctx.ctx,
+                chunk,
+                llama.n_tokens,
+                0,
+                llama.n_batch,
+                True,
+                ctypes.byref(new_n_past),
+            )
+            if status != 0:
+                raise RuntimeError(f"mtmd could not evaluate an image chunk ({status})")
+            llama.input_ids[llama.n_tokens : new_n_past.value] = -1
+            llama.n_tokens = new_n_past.value

@@ -1,0 +1,176 @@
+"""Image chat over HTTP with the tiny Gemma 3 converted by our converter (text + mmproj)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import threading
+from collections.abc import Callable, Iterator
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from PIL import Image
+
+from converters.convert import convert
+from tests.conftest import NO_EOG, RunningServer
+
+MODEL = "tiny-vision"
+IMAGE_TOKENS = 16  # mm_tokens_per_image of the tiny checkpoint
+
+
+def png(color: tuple[int, int, int], size: int = 112) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (size, size), color).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def data_uri(data: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(data).decode()
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, str]]:
+    """A media folder, also served over HTTP on loopback."""
+    root = tmp_path_factory.mktemp("media")
+    (root / "green.png").write_bytes(png((0, 200, 0)))
+    handler = partial(SimpleHTTPRequestHandler, directory=str(root))
+    handler.log_message = lambda *args: None  # type: ignore[attr-defined]
+    http_server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=http_server.serve_forever, daemon=True)
+    thread.start()
+    yield root, f"http://127.0.0.1:{http_server.server_address[1]}"
+    http_server.shutdown()
+    http_server.server_close()
+
+
+@pytest.fixture(scope="module")
+def vision_server(
+    gemma3_mm_ckpt: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+    server_factory: Callable[..., RunningServer],
+    media: tuple[Path, str],
+) -> RunningServer:
+    out = tmp_path_factory.mktemp("tiny-vision")
+    result = convert(str(gemma3_mm_ckpt), out_dir=out, name=MODEL)
+    assert result.mmproj is not None
+    entry = {
+        "id": MODEL,
+        "gguf": {"path": str(result.text)},
+        "mmproj": {"path": str(result.mmproj)},
+        "n_ctx": 2048,
+    }
+    return server_factory(
+        [entry],
+        api_key=None,
+        env={
+            "GGUFSERVE_LOCAL_MEDIA_ROOT": str(media[0]),
+            "GGUFSERVE_ALLOWED_PRIVATE_NETWORKS": '["127.0.0.0/8"]',
+        },
+    )
+
+
+@pytest.fixture(scope="module")
+def sdk(vision_server: RunningServer) -> openai.OpenAI:
+    return openai.OpenAI(base_url=vision_server.v1, api_key="unused", max_retries=0)
+
+
+def ask(sdk: openai.OpenAI, content: list[dict[str, Any]] | str, max_tokens: int = 12) -> Any:
+    return sdk.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": content}],  # type: ignore[misc, list-item]
+        max_tokens=max_tokens,
+        temperature=0,
+        logit_bias=NO_EOG,  # type: ignore[arg-type]
+    )
+
+
+def image(url: str) -> dict[str, Any]:
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
+TEXT = {"type": "text", "text": "What is in the image?"}
+
+
+def test_prompt_tokens_grow_by_image_tokens(sdk: openai.OpenAI) -> None:
+    text_only = ask(sdk, "What is in the image?").usage.prompt_tokens
+    one = ask(sdk, [image(data_uri(png((255, 0, 0)))), TEXT]).usage.prompt_tokens
+    two = ask(sdk, [image(data_uri(png((255, 0, 0)))), image(data_uri(png((0, 0, 255)))), TEXT])
+    # Per image: 16 image tokens, <start_of_image>, <end_of_image> and the "\n\n" that
+    # Gemma3Processor puts after the image (the one before merges with the turn's "\n").
+    assert one - text_only == IMAGE_TOKENS + 3
+    assert two.usage.prompt_tokens - one == IMAGE_TOKENS + 3
+
+
+def test_different_images_give_different_outputs(sdk: openai.OpenAI) -> None:
+    red = ask(sdk, [image(data_uri(png((255, 0, 0)))), TEXT]).choices[0].message.content
+    noise = Image.effect_noise((112, 112), 80).convert("RGB")
+    buffer = io.BytesIO()
+    noise.save(buffer, format="PNG")
+    other = ask(sdk, [image(data_uri(buffer.getvalue())), TEXT]).choices[0].message.content
+    assert red and other and red != other
+
+
+def test_every_source_form_gives_identical_output(
+    sdk: openai.OpenAI, media: tuple[Path, str]
+) -> None:
+    root, base_url = media
+    raw = (root / "green.png").read_bytes()
+    forms = [
+        data_uri(raw),
+        base64.b64encode(raw).decode(),
+        "green.png",
+        f"file://{root / 'green.png'}",
+        f"{base_url}/green.png",
+    ]
+    answers = {ask(sdk, [image(url), TEXT]).choices[0].message.content for url in forms}
+    assert len(answers) == 1
+
+
+def test_multi_turn_with_images_in_several_turns(sdk: openai.OpenAI) -> None:
+    reply = sdk.chat.completions.create(
+        model=MODEL,
+        messages=[  # type: ignore[list-item]
+            {"role": "user", "content": [image(data_uri(png((255, 0, 0)))), TEXT]},
+            {"role": "assistant", "content": "A red square."},
+            {"role": "user", "content": [TEXT, image(data_uri(png((0, 0, 255))))]},
+        ],
+        max_tokens=4,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(reply)
+    assert chunks[-1].usage is not None and chunks[-1].usage.prompt_tokens > 2 * IMAGE_TOKENS
+    assert chunks[-2].choices[0].finish_reason in ("stop", "length")
+
+
+@pytest.mark.parametrize(
+    ("content", "text"),
+    [
+        ([image(data_uri(png((1, 1, 1))))] * 9, "At most 8 images"),
+        ([image("ftp://example.com/a.png")], "scheme 'ftp'"),
+        ([image("http://127.0.0.2.nip.invalid/a.png")], "cannot be resolved"),
+        ([image("http://169.254.169.254/latest/meta-data/")], "not a public"),
+        ([image("../etc/passwd")], "outside the allowed media folder"),
+        ([image("data:image/png;base64,AAAA")], "invalid"),
+    ],
+    ids=["too-many", "ftp", "unresolvable", "metadata", "traversal", "not-an-image"],
+)
+def test_bad_images_over_http(
+    vision_server: RunningServer, content: list[dict[str, Any]], text: str
+) -> None:
+    body = {"model": MODEL, "messages": [{"role": "user", "content": content}], "max_tokens": 2}
+    response = httpx.post(f"{vision_server.v1}/chat/completions", json=body, timeout=30)
+    assert response.status_code == 400, response.text
+    assert text in response.json()["error"]["message"]
+    after = httpx.post(
+        f"{vision_server.v1}/chat/completions",
+        json={"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1},
+        timeout=30,
+    )
+    assert after.status_code == 200
