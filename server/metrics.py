@@ -29,6 +29,8 @@ COUNTERS = (
         "prompt_tokens_reused",
     ),
     ("ggufserve_generated_tokens", "Completion tokens generated.", "generated_tokens"),
+    ("ggufserve_image_encodes", "Images encoded by the vision projector.", "image_encodes"),
+    ("ggufserve_image_cache_hits", "Images served from the embedding cache.", "image_cache_hits"),
 )
 
 

@@ -132,6 +132,7 @@ class ModelRegistry:
             n_batch=entry.n_batch,
             max_queued=self._settings.max_queued_requests,
             mmproj_path=mmproj,
+            image_cache_bytes=self._settings.image_cache_bytes,
         )
         try:
             served.template = self._template(served, engine)

@@ -192,5 +192,7 @@ class ServerSettings(BaseSettings):
     image_fetch_timeout_s: Annotated[float, Field(gt=0)] = 10.0
     max_image_redirects: Annotated[int, Field(ge=0)] = 3
     local_media_root: Path | None = None
+    # LRU of encoded images per model, bytes (0 disables it): 256 MiB.
+    image_cache_bytes: Annotated[int, Field(ge=0)] = 256 * MiB
     # Test-only: non-public networks image URLs may point to (e.g. ["127.0.0.0/8"]).
     allowed_private_networks: list[str] = []

@@ -107,6 +107,8 @@ class EngineStats:
     prompt_tokens: int = 0
     prompt_tokens_reused: int = 0
     generated_tokens: int = 0
+    image_encodes: int = 0
+    image_cache_hits: int = 0
 
 
 class Engine(Protocol):

@@ -42,6 +42,7 @@ class LlamaEngine:
             least one image's tokens: Gemma 3 image chunks are decoded in one batch).
         max_queued: Requests allowed to wait behind the running one.
         mmproj_path: The vision projector GGUF, or None for a text-only model.
+        image_cache_bytes: Bound of the LRU of encoded images, in bytes (0 disables it).
 
     Raises:
         ModelLoadError: llama.cpp failed to load the file.
@@ -57,6 +58,7 @@ class LlamaEngine:
         n_batch: int,
         max_queued: int,
         mmproj_path: Path | None = None,
+        image_cache_bytes: int = 0,
     ):
         threads = n_threads or os.cpu_count() or 1
         try:
@@ -76,7 +78,13 @@ class LlamaEngine:
         self._n_swa = llama_cpp.llama_model_n_swa(self._llama._model.model)
         self._pieces: dict[int, bytes] = {}
         self._mtmd = (
-            Mtmd(mmproj_path, self._llama, n_threads=threads, use_gpu=n_gpu_layers != 0)
+            Mtmd(
+                mmproj_path,
+                self._llama,
+                n_threads=threads,
+                use_gpu=n_gpu_layers != 0,
+                cache_bytes=image_cache_bytes,
+            )
             if mmproj_path is not None
             else None
         )
@@ -157,7 +165,7 @@ class LlamaEngine:
         prompt = request.prompt_tokens
         if request.media is not None:
             assert self._mtmd is not None
-            self._mtmd.evaluate(request.media, llama)
+            self._mtmd.evaluate(request.media, llama, self.stats)
             n_prompt, pending = request.media.n_tokens, []
         else:
             reused = self._reuse_prefix(prompt)

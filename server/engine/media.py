@@ -5,13 +5,39 @@ from __future__ import annotations
 
 import ctypes
 import weakref
+from collections import OrderedDict
 from pathlib import Path
 
 import llama_cpp
+import numpy as np
 from llama_cpp import mtmd_cpp
 
-from server.engine.base import ModelLoadError
+from server.engine.base import EngineStats, ModelLoadError
 from server.images import LoadedImage
+
+
+class EmbeddingCache:
+    """LRU of encoded images (float32 embeddings) keyed by image digest, bounded in bytes."""
+
+    def __init__(self, max_bytes: int):
+        self._max_bytes = max_bytes
+        self._items: OrderedDict[bytes, np.ndarray] = OrderedDict()
+        self._bytes = 0
+
+    def get(self, key: bytes) -> np.ndarray | None:
+        value = self._items.get(key)
+        if value is not None:
+            self._items.move_to_end(key)
+        return value
+
+    def put(self, key: bytes, value: np.ndarray) -> None:
+        if value.nbytes > self._max_bytes or key in self._items:
+            return
+        self._items[key] = value
+        self._bytes += value.nbytes
+        while self._bytes > self._max_bytes:
+            _, dropped = self._items.popitem(last=False)
+            self._bytes -= dropped.nbytes
 
 
 class MediaPrompt:
@@ -36,7 +62,15 @@ class Mtmd:
         ModelLoadError: llama.cpp cannot load the mmproj for this model.
     """
 
-    def __init__(self, mmproj: Path, llama: llama_cpp.Llama, *, n_threads: int, use_gpu: bool):
+    def __init__(
+        self,
+        mmproj: Path,
+        llama: llama_cpp.Llama,
+        *,
+        n_threads: int,
+        use_gpu: bool,
+        cache_bytes: int,
+    ):
         params = mtmd_cpp.mtmd_context_params_default()
         params.use_gpu = use_gpu
         params.n_threads = n_threads
@@ -47,6 +81,9 @@ class Mtmd:
             raise ModelLoadError("llama.cpp could not load the vision projector (mmproj)")
         self._ctx = ctx
         self.marker = mtmd_cpp.mtmd_default_marker().decode()
+        self._cache = EmbeddingCache(cache_bytes)
+        # Width of an image embedding row: n_embd_inp (Qwen3-VL's deepstack rows are wider).
+        self._n_embd = llama_cpp.llama_model_n_embd_inp(llama._model.model)
         self._finalizer = weakref.finalize(self, mtmd_cpp.mtmd_free, ctx)
 
     def close(self) -> None:
@@ -66,6 +103,9 @@ class Mtmd:
             )
             for image in images
         ]
+        for bitmap, image in zip(bitmaps, images, strict=True):
+            # The chunk inherits the id: the embedding cache's key.
+            mtmd_cpp.mtmd_bitmap_set_id(bitmap, image.digest.encode())
         chunks = mtmd_cpp.mtmd_input_chunks_init()
         try:
             encoded = prompt.encode("utf-8")
@@ -100,10 +140,11 @@ class Mtmd:
         tokens = mtmd_cpp.mtmd_input_chunk_get_tokens_text(chunk, ctypes.byref(count))
         return [int(tokens[i]) for i in range(count.value)]
 
-    def evaluate(self, prompt: MediaPrompt, llama: llama_cpp.Llama) -> None:
+    def evaluate(self, prompt: MediaPrompt, llama: llama_cpp.Llama, stats: EngineStats) -> None:
         """Decode every chunk from position 0 (worker thread only). Text goes through
-        ``Llama.eval`` (which keeps its token bookkeeping); image positions are recorded
-        as -1 so later prefix reuse stops before them.
+        ``Llama.eval`` (which keeps its token bookkeeping); an image is encoded unless its
+        embedding is cached, then decoded; its positions are recorded as -1 so later
+        prefix reuse stops before them.
 
         Raises:
             RuntimeError: llama.cpp failed to encode or decode an image chunk.
@@ -115,18 +156,39 @@ class Mtmd:
             if self._is_text(chunk):
                 llama.eval(self.text_tokens(chunk))
                 continue
+            embedding = self._embedding(chunk, stats)
             new_n_past = llama_cpp.llama_pos(0)
-            status = mtmd_cpp.mtmd_helper_eval_chunk_single(
+            status = mtmd_cpp.mtmd_helper_decode_image_chunk(
                 self._ctx,
                 llama._ctx.ctx,
                 chunk,
+                embedding.ctypes.data_as(ctypes.POINTER(ctypes.c_float)),
                 llama.n_tokens,
                 0,
                 llama.n_batch,
-                True,
                 ctypes.byref(new_n_past),
+                mtmd_cpp.mtmd_helper_post_decode_callback(),  # NULL: no callback
+                None,
             )
             if status != 0:
-                raise RuntimeError(f"mtmd could not evaluate an image chunk ({status})")
+                raise RuntimeError(f"mtmd could not decode an image chunk ({status})")
             llama.input_ids[llama.n_tokens : new_n_past.value] = -1
             llama.n_tokens = new_n_past.value
+
+    def _embedding(self, chunk: mtmd_cpp.mtmd_input_chunk_p, stats: EngineStats) -> np.ndarray:
+        """The image's embeddings (n_tokens × n_embd_inp float32), from the cache or encoded."""
+        key = mtmd_cpp.mtmd_input_chunk_get_id(chunk) or b""
+        cached = self._cache.get(key) if key else None
+        if cached is not None:
+            stats.image_cache_hits += 1
+            return cached
+        status = mtmd_cpp.mtmd_encode_chunk(self._ctx, chunk)
+        if status != 0:
+            raise RuntimeError(f"mtmd could not encode an image ({status})")
+        n_tokens = mtmd_cpp.mtmd_input_chunk_get_n_tokens(chunk)
+        output = mtmd_cpp.mtmd_get_output_embd(self._ctx)
+        embedding = np.ctypeslib.as_array(output, shape=(n_tokens * self._n_embd,)).copy()
+        stats.image_encodes += 1
+        if key:
+            self._cache.put(key, embedding)
+        return embedding

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import threading
+import time
 from collections.abc import Callable, Iterator
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -174,3 +175,42 @@ def test_bad_images_over_http(
         timeout=30,
     )
     assert after.status_code == 200
+
+
+def image_metric(server: RunningServer, name: str) -> float:
+    text = httpx.get(f"{server.base_url}/metrics").text
+    line = next(x for x in text.splitlines() if x.startswith(f'{name}_total{{model="{MODEL}"}}'))
+    return float(line.split()[-1])
+
+
+def test_repeated_image_comes_from_the_embedding_cache(
+    vision_server: RunningServer, sdk: openai.OpenAI
+) -> None:
+    noise = Image.effect_noise((112, 112), 60).convert("RGB")
+    buffer = io.BytesIO()
+    noise.save(buffer, format="PNG")
+    url = data_uri(buffer.getvalue())
+    encodes = image_metric(vision_server, "ggufserve_image_encodes")
+    hits = image_metric(vision_server, "ggufserve_image_cache_hits")
+    ttft = []
+    answers = []
+    for _ in range(2):
+        started = time.perf_counter()
+        stream = sdk.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": [image(url), TEXT]}],  # type: ignore[list-item]
+            max_tokens=6,
+            temperature=0,
+            stream=True,
+        )
+        text, first = "", None
+        for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                first = first or time.perf_counter()
+                text += chunk.choices[0].delta.content
+        ttft.append((first or time.perf_counter()) - started)
+        answers.append(text)
+    print(f"\nimage TTFT first {1000 * ttft[0]:.1f} ms, repeat {1000 * ttft[1]:.1f} ms")
+    assert image_metric(vision_server, "ggufserve_image_encodes") == encodes + 1
+    assert image_metric(vision_server, "ggufserve_image_cache_hits") == hits + 1
+    assert answers[0] == answers[1]
