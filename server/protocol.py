@@ -203,6 +203,8 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "ggufserve"
+    # Not in OpenAI's schema (clients ignore it); named as Ollama names it.
+    capabilities: list[Literal["completion", "vision"]] = ["completion"]
 
 
 class ModelList(BaseModel):

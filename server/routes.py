@@ -107,7 +107,14 @@ async def chat_completions(request: Request) -> Response:
 
 async def list_models(request: Request) -> Response:
     registry: ModelRegistry = request.app.state.registry
-    cards = [ModelCard(id=m.id, created=m.created) for m in registry.models()]
+    cards = [
+        ModelCard(
+            id=m.id,
+            created=m.created,
+            capabilities=["completion", "vision"] if m.entry.mmproj else ["completion"],
+        )
+        for m in registry.models()
+    ]
     return JSONResponse(ModelList(data=cards).model_dump(mode="json"))
 
 

@@ -16,9 +16,10 @@ MODEL = "gemma-3-270m"
 
 
 @pytest.fixture(scope="session")
-def client(server: RunningServer) -> openai.OpenAI:
-    """The official SDK, unmodified, pointed at the real server."""
-    return openai.OpenAI(base_url=server.v1, api_key=API_KEY, max_retries=0, timeout=120)
+def client(server: RunningServer) -> Iterator[openai.OpenAI]:
+    """The official SDK, unmodified, pointed at the real server (closed at the end)."""
+    with openai.OpenAI(base_url=server.v1, api_key=API_KEY, max_retries=0, timeout=120) as sdk:
+        yield sdk
 
 
 @pytest.fixture(scope="session")

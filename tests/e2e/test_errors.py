@@ -235,8 +235,10 @@ def test_api_key_required(server: RunningServer, headers: dict[str, str]) -> Non
 
 
 def test_wrong_key_via_sdk(server: RunningServer) -> None:
-    bad = openai.OpenAI(base_url=server.v1, api_key="nope", max_retries=0)
-    with pytest.raises(openai.AuthenticationError):
+    with (
+        openai.OpenAI(base_url=server.v1, api_key="nope", max_retries=0) as bad,
+        pytest.raises(openai.AuthenticationError),
+    ):
         bad.chat.completions.create(model=MODEL, messages=OK_MESSAGES)  # type: ignore[arg-type]
 
 

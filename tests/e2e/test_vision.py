@@ -76,8 +76,9 @@ def vision_server(
 
 
 @pytest.fixture(scope="module")
-def sdk(vision_server: RunningServer) -> openai.OpenAI:
-    return openai.OpenAI(base_url=vision_server.v1, api_key="unused", max_retries=0)
+def sdk(vision_server: RunningServer) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=vision_server.v1, api_key="unused", max_retries=0) as client:
+        yield client
 
 
 def ask(sdk: openai.OpenAI, content: list[dict[str, Any]] | str, max_tokens: int = 12) -> Any:
@@ -95,6 +96,11 @@ def image(url: str) -> dict[str, Any]:
 
 
 TEXT = {"type": "text", "text": "What is in the image?"}
+
+
+def test_models_endpoint_says_vision(sdk: openai.OpenAI) -> None:
+    card = sdk.models.list().data[0]
+    assert card.id == MODEL and card.model_extra == {"capabilities": ["completion", "vision"]}
 
 
 def test_prompt_tokens_grow_by_image_tokens(sdk: openai.OpenAI) -> None:
