@@ -69,12 +69,21 @@ class ChatService:
 
     Args:
         registry: The served models.
-        settings: Server limits (prompt size).
+        settings: Server limits (prompt size, images).
     """
 
     def __init__(self, registry: ModelRegistry, settings: ServerSettings):
         self._registry = registry
         self._settings = settings
+        self._image_limits = ImageLimits(
+            max_images=settings.max_images_per_request,
+            max_image_bytes=settings.max_image_bytes,
+            max_image_pixels=settings.max_image_pixels,
+            fetch_timeout_s=settings.image_fetch_timeout_s,
+            max_redirects=settings.max_image_redirects,
+            local_media_root=settings.local_media_root,
+            allowed_private_networks=tuple(settings.allowed_private_networks),
+        )
 
     async def prepare(self, body: ChatCompletionRequest, request_id: str) -> PreparedChat:
         """Validate, render and tokenize the request.
@@ -147,17 +156,10 @@ class ChatService:
                 f"At most {settings.max_images_per_request} images per request.",
                 param="messages",
             )
-        limits = ImageLimits(
-            max_images=settings.max_images_per_request,
-            max_image_bytes=settings.max_image_bytes,
-            max_image_pixels=settings.max_image_pixels,
-            fetch_timeout_s=settings.image_fetch_timeout_s,
-            max_redirects=settings.max_image_redirects,
-            local_media_root=settings.local_media_root,
-            allowed_private_networks=tuple(settings.allowed_private_networks),
-        )
         images = list(
-            await asyncio.gather(*(load_image(url, limits, param=param) for url, param in urls))
+            await asyncio.gather(
+                *(load_image(url, self._image_limits, param=param) for url, param in urls)
+            )
         )
         assert served.engine is not None
         engine = served.engine
