@@ -7,6 +7,7 @@ and that no output would be overwritten) before the first byte is written.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -101,7 +102,7 @@ def metadata_writer(
 ) -> Callable[[gguf.GGUFWriter], None]:
     """general.* (name, basename, size label, license, source repo from the model card)
     followed by the converter's hparams."""
-    n_params = sum(int(_count(r.shape)) for r in converter.claimed())
+    n_params = sum(math.prod(r.shape) for r in converter.claimed())
     meta = gguf.Metadata.load(None, ckpt.root, name, n_params)
     if meta.source_repo_url is None and source.count("/") == 1 and not Path(source).exists():
         meta.source_repo_url = f"https://huggingface.co/{source}"
@@ -111,13 +112,6 @@ def metadata_writer(
         converter.set_gguf_parameters(writer)
 
     return write
-
-
-def _count(shape: tuple[int, ...]) -> int:
-    total = 1
-    for dim in shape:
-        total *= dim
-    return total
 
 
 def plan_all(

@@ -150,20 +150,15 @@ class ChatService:
             InvalidRequestError: too many images, a bad image (ImageInputError), or a
                 template that does not place exactly one marker per image.
         """
-        settings = self._settings
-        if len(urls) > settings.max_images_per_request:
+        limits = self._image_limits
+        if len(urls) > limits.max_images:
             raise InvalidRequestError(
-                f"At most {settings.max_images_per_request} images per request.",
-                param="messages",
+                f"At most {limits.max_images} images per request.", param="messages"
             )
         images = list(
-            await asyncio.gather(
-                *(load_image(url, self._image_limits, param=param) for url, param in urls)
-            )
+            await asyncio.gather(*(load_image(url, limits, param=param) for url, param in urls))
         )
-        assert served.engine is not None
-        engine = served.engine
-        return await anyio.to_thread.run_sync(_render_media, served, engine, messages, images)
+        return await anyio.to_thread.run_sync(_render_media, served, messages, images)
 
     def start(self, prepared: PreparedChat) -> Generation:
         """Queue the job on the model's engine.
@@ -327,20 +322,35 @@ def _template_messages(
     return out, urls
 
 
-def _render_media(
-    served: ServedModel, engine: Any, messages: list[dict[str, Any]], images: list[Any]
-) -> Any:
+def _render(served: ServedModel, messages: list[dict[str, Any]]) -> str:
+    """The model's chat template applied to ``messages``, with the generation prompt.
+
+    Raises:
+        InvalidRequestError: the template rejected the messages or failed.
+    """
+    assert served.template is not None
+    try:
+        return served.template.render(messages, add_generation_prompt=True)
+    except ChatTemplateError as exc:
+        raise InvalidRequestError(exc.client_message, param="messages") from None
+
+
+def _invalid_unicode() -> InvalidRequestError:
+    return InvalidRequestError(
+        "The messages contain invalid Unicode (unpaired surrogates).", param="messages"
+    )
+
+
+def _render_media(served: ServedModel, messages: list[dict[str, Any]], images: list[Any]) -> Any:
     """Render, put mtmd's marker where the template placed each image, tokenize.
 
     Raises:
         InvalidRequestError: the template rejected the messages, or placed a number of
             images other than the number sent.
     """
-    assert served.template is not None
-    try:
-        prompt = served.template.render(messages, add_generation_prompt=True)
-    except ChatTemplateError as exc:
-        raise InvalidRequestError(exc.client_message, param="messages") from None
+    engine = served.engine
+    assert engine is not None
+    prompt = _render(served, messages)
     placeholder, replacement = IMAGE_PLACEHOLDERS.get(engine.info.architecture, ("", ""))
     if not placeholder or prompt.count(placeholder) != len(images):
         raise InvalidRequestError(
@@ -351,9 +361,7 @@ def _render_media(
     try:
         return engine.tokenize_media(prompt, images)
     except UnicodeEncodeError:
-        raise InvalidRequestError(
-            "The messages contain invalid Unicode (unpaired surrogates).", param="messages"
-        ) from None
+        raise _invalid_unicode() from None
     except ValueError:
         raise InvalidRequestError(
             "The images could not be placed in the prompt.", param="messages"
@@ -367,18 +375,13 @@ def _render_and_tokenize(served: ServedModel, messages: list[dict[str, Any]]) ->
         InvalidRequestError: the template rejected the messages, or the text holds
             unpaired surrogates.
     """
-    assert served.engine is not None and served.template is not None
+    assert served.engine is not None
     info = served.engine.info
-    try:
-        prompt = served.template.render(messages, add_generation_prompt=True)
-    except ChatTemplateError as exc:
-        raise InvalidRequestError(exc.client_message, param="messages") from None
+    prompt = _render(served, messages)
     try:
         tokens = served.engine.tokenize(prompt)
     except UnicodeEncodeError:
-        raise InvalidRequestError(
-            "The messages contain invalid Unicode (unpaired surrogates).", param="messages"
-        ) from None
+        raise _invalid_unicode() from None
     # The template normally writes BOS itself; add it only where it did not.
     if info.add_bos and (not tokens or tokens[0] != info.bos_token_id):
         tokens.insert(0, info.bos_token_id)

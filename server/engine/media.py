@@ -45,13 +45,11 @@ class MediaPrompt:
 
     Attributes:
         n_tokens: Positions the prompt fills in the context (text tokens + image tokens).
-        first_token: The first text token (for the BOS check).
     """
 
-    def __init__(self, chunks: mtmd_cpp.mtmd_input_chunks_p, n_tokens: int, first_token: int):
+    def __init__(self, chunks: mtmd_cpp.mtmd_input_chunks_p, n_tokens: int):
         self.chunks = chunks
         self.n_tokens = n_tokens
-        self.first_token = first_token
         weakref.finalize(self, mtmd_cpp.mtmd_input_chunks_free, chunks)
 
 
@@ -116,19 +114,17 @@ class Mtmd:
             )
             if status != 0:
                 raise ValueError("the prompt's media markers do not match its images")
-            n_tokens, first = 0, -1
-            for index in range(mtmd_cpp.mtmd_input_chunks_size(chunks)):
-                chunk = mtmd_cpp.mtmd_input_chunks_get(chunks, index)
-                n_tokens += mtmd_cpp.mtmd_input_chunk_get_n_tokens(chunk)
-                if first < 0 and self._is_text(chunk):
-                    first = self.text_tokens(chunk)[0]
+            n_tokens = sum(
+                mtmd_cpp.mtmd_input_chunk_get_n_tokens(mtmd_cpp.mtmd_input_chunks_get(chunks, i))
+                for i in range(mtmd_cpp.mtmd_input_chunks_size(chunks))
+            )
         except BaseException:
             mtmd_cpp.mtmd_input_chunks_free(chunks)
             raise
         finally:
             for bitmap in bitmaps:
                 mtmd_cpp.mtmd_bitmap_free(bitmap)
-        return MediaPrompt(chunks, n_tokens, first)
+        return MediaPrompt(chunks, n_tokens)
 
     @staticmethod
     def _is_text(chunk: mtmd_cpp.mtmd_input_chunk_p) -> bool:

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import gguf
-import numpy as np
 
 CACHE = Path(os.environ.get("GGUFSERVE_TEST_CACHE", Path.home() / ".cache" / "ggufserve-tests"))
 # Gemma 3's turn format; image parts render as <start_of_image> as in Gemma 3's own template.
@@ -218,7 +217,3 @@ def build_gemma3_multimodal(folder: Path, bundled_gguf: Path, seed: int = 0) -> 
             }
         )
     )
-
-
-def random_tensor(shape: tuple[int, ...], seed: int) -> np.ndarray:
-    return np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
