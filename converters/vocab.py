@@ -1,4 +1,5 @@
-"""SentencePiece-style vocabularies (Gemma) → GGUF ``tokenizer.ggml.*`` metadata.
+"""Vocabularies → GGUF ``tokenizer.ggml.*`` metadata: SentencePiece (Gemma) and byte-level
+BPE (Qwen, read with gguf-py's ``BpeVocab``).
 
 Token types use SentencePiece's numbering, which GGUF shares (``gguf.TokenType``):
 NORMAL 1, UNKNOWN 2, CONTROL 3, USER_DEFINED 4, UNUSED 5, BYTE 6. Gemma 3 needs its
@@ -8,6 +9,7 @@ without them llama.cpp tokenizes runs of spaces differently from transformers.
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +20,12 @@ from converters.checkpoint import Checkpoint
 from converters.errors import VocabError
 
 BYTE_PIECE = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
+# tokenizer.json pre-tokenizer split regexes llama.cpp knows, by its pre-tokenizer name
+# (llama.cpp src/llama-vocab.cpp LLAMA_VOCAB_PRE_TYPE_QWEN2).
+BPE_PRE_TOKENIZERS = {
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+": "qwen2",
+}
 
 
 @dataclass
@@ -127,6 +135,54 @@ def _apply_added(vocab: Vocab, token_id: int, token: dict[str, Any]) -> None:
     vocab.types.append(kind)
 
 
+def load_bpe_vocab(ckpt: Checkpoint, n_vocab_rows: int) -> tuple[Vocab, str]:
+    """A byte-level BPE ``tokenizer.json`` (gguf-py ``BpeVocab``) and its llama.cpp
+    pre-tokenizer name. Added tokens are CONTROL when ``special``, else USER_DEFINED (as
+    llama.cpp's converter); ids up to ``n_vocab_rows`` (the embedding rows, e.g. 151,936
+    for 151,669 tokens) are filled with ``[PAD<id>]`` UNUSED tokens so rows == tokens.
+
+    Raises:
+        VocabError: no tokenizer.json, not byte-level BPE, added-token ids with gaps, a
+            pre-tokenizer regex llama.cpp does not know, or more tokens than rows.
+    """
+    path = ckpt.file("tokenizer.json")
+    if path is None:
+        raise VocabError("no tokenizer.json in the checkpoint")
+    try:
+        bpe = gguf.vocab.BpeVocab(path.parent)
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise VocabError(f"tokenizer.json is not a byte-level BPE vocabulary ({exc})") from None
+    specials = {t.get("content") for t in data.get("added_tokens") or [] if t.get("special")}
+    tokens: list[str] = []
+    types: list[int] = []
+    for text, _, kind in bpe.all_tokens():
+        # BpeVocab yields base tokens as str and added tokens as UTF-8 bytes.
+        token = text.decode("utf-8") if isinstance(text, bytes) else str(text)
+        tokens.append(token)
+        if kind == gguf.TokenType.CONTROL and token not in specials:
+            kind = gguf.TokenType.USER_DEFINED
+        types.append(int(kind))
+    if len(tokens) > n_vocab_rows:
+        raise VocabError(f"tokenizer.json has {len(tokens)} tokens but only {n_vocab_rows} rows")
+    for token_id in range(len(tokens), n_vocab_rows):
+        tokens.append(f"[PAD{token_id}]")
+        types.append(gguf.TokenType.UNUSED)
+    vocab = Vocab(tokens, [0.0] * len(tokens), types, add_space_prefix=False)
+    return vocab, _pre_tokenizer(data)
+
+
+def _pre_tokenizer(data: dict[str, Any]) -> str:
+    pre = data.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", [pre]) if isinstance(pre, dict) else []
+    for step in steps:
+        pattern = (step.get("pattern") or {}) if isinstance(step, dict) else {}
+        regex = pattern.get("Regex") if isinstance(pattern, dict) else None
+        if regex in BPE_PRE_TOKENIZERS:
+            return BPE_PRE_TOKENIZERS[regex]
+    raise VocabError("tokenizer.json's pre-tokenizer is not one llama.cpp knows (qwen2)")
+
+
 def chat_template(ckpt: Checkpoint) -> str | None:
     """The chat template, from (in this order) ``chat_template.jinja`` (transformers 5),
     ``chat_template.json``, or ``tokenizer_config.json``'s ``chat_template``.
@@ -162,11 +218,29 @@ def write_vocab(
     writer.add_token_scores(vocab.scores)
     writer.add_token_types(vocab.types)
     writer.add_add_space_prefix(vocab.add_space_prefix)
-    special = gguf.SpecialVocab(ckpt.root, load_merges=False, n_vocab=len(vocab))
+    _write_special(writer, ckpt, vocab, add_bos=add_bos, merges=False)
+    if eot is not None and (eot_id := vocab.id_of(eot)) is not None:
+        writer.add_eot_token_id(eot_id)
+
+
+def write_bpe_vocab(writer: gguf.GGUFWriter, ckpt: Checkpoint, vocab: Vocab, pre: str) -> None:
+    """Write a byte-level BPE vocabulary (``gpt2`` model, ``pre`` pre-tokenizer), its
+    merges, special token ids and chat template. No BOS is added (Qwen has none)."""
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(vocab.tokens)
+    writer.add_token_types(vocab.types)
+    _write_special(writer, ckpt, vocab, add_bos=False, merges=True)
+
+
+def _write_special(
+    writer: gguf.GGUFWriter, ckpt: Checkpoint, vocab: Vocab, *, add_bos: bool, merges: bool
+) -> None:
+    special = gguf.SpecialVocab(ckpt.root, load_merges=merges, n_vocab=len(vocab))
+    if merges and not special.merges:
+        raise VocabError("tokenizer.json has no BPE merges")
     special.chat_template = chat_template(ckpt)
     # transformers 5 saves Gemma tokenizers with add_bos_token false; the model needs BOS.
     special.add_special_token["bos"] = add_bos
     special.add_special_token.setdefault("eos", False)
     special.add_to_gguf(writer, quiet=True)
-    if eot is not None and (eot_id := vocab.id_of(eot)) is not None:
-        writer.add_eot_token_id(eot_id)

@@ -45,10 +45,12 @@ class PlannedTensor:
         name: GGUF tensor name (e.g. ``blk.0.attn_q.weight``).
         source: The checkpoint tensor it is made from.
         shape: Output shape in numpy/PyTorch order; GGML's ``ne`` is the reverse
-            (``ne[0]`` is the last, contiguous axis). Equals the source's shape, with
-            axis 0 cut to ``keep_rows`` when that is set.
-        transform: Element-wise numeric fix-up (e.g. ``+1`` on a norm), or None; applied
-            chunk by chunk, so it must not mix rows.
+            (``ne[0]`` is the last, contiguous axis). Axis 0 has the source's rows (cut to
+            ``keep_rows`` when that is set); the trailing axes are the source's unless
+            ``transform`` changes them.
+        transform: Row-wise fix-up, or None: element-wise (e.g. ``+1`` on a norm) or a
+            per-row slice/transpose (e.g. one expert's matrix); applied chunk by chunk
+            of rows, so it must not mix rows.
         keep_rows: Keep only the first rows of axis 0 (vocabulary trimming), or None.
         force_type: A GGML type this tensor must have whatever ``--outtype`` says.
     """

@@ -21,11 +21,22 @@ from jinja2 import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 # llama.cpp `general.architecture` → fallback template shipped in server/chat_templates/.
-FALLBACK_TEMPLATES = {"gemma3": "gemma3.jinja"}
-# What a template renders for an image part, and what replaces it around mtmd's marker:
+FALLBACK_TEMPLATES = {
+    "gemma3": "gemma3.jinja",
+    "qwen3vl": "qwen3vl.jinja",
+    "qwen3vlmoe": "qwen3vl.jinja",
+}
+# What a template renders for an image part, and what replaces it around mtmd's marker.
 # Gemma3Processor (transformers) writes "\n\n<start_of_image>[image]<end_of_image>\n\n";
 # mtmd adds <start_of_image>/<end_of_image> itself, so only the newlines are ours.
-IMAGE_PLACEHOLDERS = {"gemma3": ("<start_of_image>", "\n\n{marker}\n\n")}
+# Qwen3VLProcessor expands <|image_pad|> between <|vision_start|>/<|vision_end|>, which
+# mtmd also adds itself: the whole group becomes the marker.
+QWEN3VL_IMAGE = ("<|vision_start|><|image_pad|><|vision_end|>", "{marker}")
+IMAGE_PLACEHOLDERS = {
+    "gemma3": ("<start_of_image>", "\n\n{marker}\n\n"),
+    "qwen3vl": QWEN3VL_IMAGE,
+    "qwen3vlmoe": QWEN3VL_IMAGE,
+}
 
 
 class ChatTemplateError(Exception):

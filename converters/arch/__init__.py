@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from converters.arch.base import Converter
 from converters.arch.gemma3 import Gemma3Text, Gemma3Vision
+from converters.arch.qwen3_vl import Qwen3VLMoeText, Qwen3VLText, Qwen3VLVision
 
 ARCHITECTURES: dict[str, tuple[type[Converter], type[Converter] | None]] = {
     "Gemma3ForCausalLM": (Gemma3Text, None),
     "Gemma3ForConditionalGeneration": (Gemma3Text, Gemma3Vision),
+    "Qwen3VLForConditionalGeneration": (Qwen3VLText, Qwen3VLVision),
+    "Qwen3VLMoeForConditionalGeneration": (Qwen3VLMoeText, Qwen3VLVision),
 }

@@ -1,4 +1,5 @@
-"""Session fixtures: tiny Gemma 3 checkpoints (cached on disk) and their conversions."""
+"""Session fixtures: tiny Gemma 3 and Qwen3-VL checkpoints (cached on disk), their
+conversions, and the transformers reference models."""
 
 from __future__ import annotations
 
@@ -8,6 +9,9 @@ from typing import Any
 import pytest
 
 from converters.convert import ConversionResult, convert
+from tests.converters.qwen_builders import qwen3vl_checkpoint
+
+QWEN_VARIANTS = ["dense", "moe"]
 
 
 @pytest.fixture(scope="session")
@@ -43,3 +47,45 @@ def hf_mm(gemma3_mm_ckpt: Path) -> Any:
     return Gemma3ForConditionalGeneration.from_pretrained(
         gemma3_mm_ckpt, dtype=torch.float32
     ).eval()
+
+
+@pytest.fixture(scope="session")
+def qwen_ckpt() -> dict[str, Path]:
+    """The tiny Qwen3-VL checkpoints: ``dense`` (tied embeddings) and ``moe`` (Hub expert
+    layout, untied)."""
+    return {"dense": qwen3vl_checkpoint(moe=False), "moe": qwen3vl_checkpoint(moe=True)}
+
+
+@pytest.fixture(scope="session")
+def qwen_converted(
+    tmp_path_factory: pytest.TempPathFactory, qwen_ckpt: dict[str, Path]
+) -> dict[str, ConversionResult]:
+    """``<variant>-f32`` (text + f32 mmproj) and ``<variant>-f16`` conversions."""
+    out = tmp_path_factory.mktemp("qwen-converted")
+    results = {}
+    for variant, ckpt in qwen_ckpt.items():
+        for outtype in ("f32", "f16"):
+            results[f"{variant}-{outtype}"] = convert(
+                str(ckpt), out_dir=out, name=variant, outtype=outtype, mmproj_type=outtype
+            )
+    return results
+
+
+@pytest.fixture(scope="session")
+def hf_qwen(qwen_ckpt: dict[str, Path]) -> dict[str, tuple[Any, Any, Any]]:
+    """variant → (transformers model in float32, tokenizer, image processor)."""
+    import torch
+    import transformers
+
+    classes = {
+        "dense": transformers.Qwen3VLForConditionalGeneration,
+        "moe": transformers.Qwen3VLMoeForConditionalGeneration,
+    }
+    return {
+        variant: (
+            classes[variant].from_pretrained(ckpt, dtype=torch.float32).eval(),
+            transformers.AutoTokenizer.from_pretrained(ckpt),
+            transformers.AutoImageProcessor.from_pretrained(ckpt),
+        )
+        for variant, ckpt in qwen_ckpt.items()
+    }
