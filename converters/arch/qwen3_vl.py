@@ -14,6 +14,7 @@ normalised to ``model.*`` / ``lm_head.*`` and ``visual.*``.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import gguf
@@ -195,7 +196,7 @@ class Qwen3VLText(Converter):
         return [PlannedTensor(gguf_name, ref, ref.shape)]
 
 
-def _rows(start: int, stop: int, transpose: bool):  # type: ignore[no-untyped-def]
+def _rows(start: int, stop: int, transpose: bool) -> Callable[[np.ndarray], np.ndarray]:
     """Row-wise fix-up for stacked experts (axis 0 = expert): take ``[start:stop]`` of the
     stored per-expert matrix's output axis, transposing the Hub layout into GGML's."""
 
@@ -203,6 +204,15 @@ def _rows(start: int, stop: int, transpose: bool):  # type: ignore[no-untyped-de
         if transpose:  # Hub (E, n_in, n_out) → (E, n_out, n_in)
             return np.ascontiguousarray(data[:, :, start:stop].transpose(0, 2, 1))
         return data[:, start:stop, :]
+
+    return take
+
+
+def _frame(t: int) -> Callable[[np.ndarray], np.ndarray]:
+    """Row-wise fix-up: temporal slice ``t`` of a Conv3D weight (out, in, T, p, p)."""
+
+    def take(data: np.ndarray) -> np.ndarray:
+        return data[:, :, t]
 
     return take
 
@@ -341,7 +351,7 @@ class Qwen3VLVision(Converter):
         """(min, max) pixels: ``size.shortest_edge`` / ``longest_edge`` (which Qwen's
         image processor reads as pixel counts) or ``min_pixels`` / ``max_pixels``."""
         p = self.preprocessor
-        size = p.get("size") if isinstance(p.get("size"), dict) else {}
+        size: dict[str, Any] = p["size"] if isinstance(p.get("size"), dict) else {}
         low = size.get("shortest_edge", p.get("min_pixels"))
         high = size.get("longest_edge", p.get("max_pixels"))
         return (
@@ -415,7 +425,7 @@ class Qwen3VLVision(Converter):
             # (llama.cpp Qwen3VLVisionModel); kept F32: clip's conv path needs F16/F32.
             check_shape(ref, (e, c, 2, p, p))
             return [
-                PlannedTensor(out, ref, (e, c, p, p), lambda d, t=t: d[:, :, t], force_type=QT.F32)
+                PlannedTensor(out, ref, (e, c, p, p), _frame(t), force_type=QT.F32)
                 for out, t in (("v.patch_embd.weight", 0), ("v.patch_embd.weight.1", 1))
             ]
         stem = gguf_name.rsplit(".", 1)[0]
