@@ -166,6 +166,15 @@ def gemma3_mm_ckpt(bundled_gguf: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def qwen_ckpt() -> dict[str, Path]:
+    """The tiny Qwen3-VL checkpoints on the real Qwen vocabulary: ``dense`` (tied
+    embeddings) and ``moe`` (Hub expert layout, untied)."""
+    from tests.converters.qwen_builders import qwen3vl_checkpoint
+
+    return {"dense": qwen3vl_checkpoint(moe=False), "moe": qwen3vl_checkpoint(moe=True)}
+
+
+@pytest.fixture(scope="session")
 def server_factory(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Callable[..., RunningServer]]:

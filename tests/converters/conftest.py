@@ -9,7 +9,6 @@ from typing import Any
 import pytest
 
 from converters.convert import ConversionResult, convert
-from tests.converters.qwen_builders import qwen3vl_checkpoint
 
 QWEN_VARIANTS = ["dense", "moe"]
 
@@ -47,13 +46,6 @@ def hf_mm(gemma3_mm_ckpt: Path) -> Any:
     return Gemma3ForConditionalGeneration.from_pretrained(
         gemma3_mm_ckpt, dtype=torch.float32
     ).eval()
-
-
-@pytest.fixture(scope="session")
-def qwen_ckpt() -> dict[str, Path]:
-    """The tiny Qwen3-VL checkpoints: ``dense`` (tied embeddings) and ``moe`` (Hub expert
-    layout, untied)."""
-    return {"dense": qwen3vl_checkpoint(moe=False), "moe": qwen3vl_checkpoint(moe=True)}
 
 
 @pytest.fixture(scope="session")

@@ -106,7 +106,9 @@ def test_mmproj_metadata(qwen_converted: dict[str, ConversionResult]) -> None:
         "clip.vision.block_count": depth,
         "clip.vision.attention.head_count": v["num_heads"],
         "clip.vision.spatial_merge_size": v["spatial_merge_size"],
-        "clip.vision.is_deepstack_layers": [i in v["deepstack_visual_indexes"] for i in range(depth)],
+        "clip.vision.is_deepstack_layers": [
+            i in v["deepstack_visual_indexes"] for i in range(depth)
+        ],
         "clip.vision.image_min_pixels": MIN_PIXELS,
         "clip.vision.image_max_pixels": MAX_PIXELS,
         "clip.use_gelu": True,
@@ -157,7 +159,9 @@ def test_in_memory_expert_layout_converts_to_the_same_file(
         if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
             tensors[name] = tensors[name].transpose(0, 2, 1).copy()
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
-    result = convert(str(folder), out_dir=tmp_path / "out", name="moe", outtype="f32", mmproj_type="f32")
+    result = convert(
+        str(folder), out_dir=tmp_path / "out", name="moe", outtype="f32", mmproj_type="f32"
+    )
     assert sha256(result.text) == sha256(qwen_converted["moe-f32"].text)
 
 
@@ -275,20 +279,12 @@ def test_convert_quantize_register_then_serve_images(
     assert {c["id"]: c["capabilities"] for c in cards}["qwen-moe"] == ["completion", "vision"]
     for model in ("qwen-dense", "qwen-moe"):
         usage = []
-        for images in (0, 1):
-            content = [{"type": "image_url", "image_url": {"url": png_data_uri((128, 96), (200, 30, 30))}}]
-            response = httpx.post(
-                f"{running.v1}/chat/completions",
-                json={
-                    "model": model,
-                    "messages": [
-                        {"role": "user", "content": [*content[:images], {"type": "text", "text": "What?"}]}
-                    ],
-                    "max_tokens": 3,
-                    "logit_bias": QWEN_NO_EOG,
-                },
-                timeout=60,
-            )
+        picture = {"type": "image_url", "image_url": {"url": png_data_uri((128, 96), (200, 9, 9))}}
+        for parts in ([], [picture]):
+            message = {"role": "user", "content": [*parts, {"type": "text", "text": "What?"}]}
+            body = {"model": model, "messages": [message], "max_tokens": 3}
+            body["logit_bias"] = QWEN_NO_EOG
+            response = httpx.post(f"{running.v1}/chat/completions", json=body, timeout=60)
             assert response.status_code == 200, response.text
             usage.append(response.json()["usage"])
         assert usage[1]["completion_tokens"] == 3

@@ -220,3 +220,17 @@ def test_repeated_image_comes_from_the_embedding_cache(
     assert image_metric(vision_server, "ggufserve_image_encodes") == encodes + 1
     assert image_metric(vision_server, "ggufserve_image_cache_hits") == hits + 1
     assert answers[0] == answers[1]
+
+
+@pytest.mark.parametrize(
+    "size", [(1, 1), (2000, 1), (1, 2000), (3000, 2000)], ids=["1x1", "2000x1", "1x2000", "big"]
+)
+def test_images_of_any_size_become_the_models_image(
+    sdk: openai.OpenAI, size: tuple[int, int]
+) -> None:
+    """Gemma 3 sees every image at its fixed image_size: any size gives 16 image tokens."""
+    buffer = io.BytesIO()
+    Image.effect_noise(size, 60).convert("RGB").save(buffer, format="PNG")
+    text_only = ask(sdk, "What is in the image?", max_tokens=1).usage.prompt_tokens
+    reply = ask(sdk, [image(data_uri(buffer.getvalue())), TEXT], max_tokens=1)
+    assert reply.usage.prompt_tokens - text_only == IMAGE_TOKENS + 3
