@@ -75,6 +75,62 @@ class Converter(ABC):
         return [ref for name, ref in sorted(self.ckpt.tensors.items()) if self.claims(name)]
 
 
+class DecoderConverter(Converter):
+    """A decoder-only language model: the hparams every llama.cpp text architecture reads.
+
+    Attributes (after :meth:`read_decoder`): ``n_embd``, ``n_layer``, ``n_ff``, ``n_head``,
+    ``n_head_kv``, ``head_dim``, ``n_ctx_train`` (tokens), ``rms_eps``, ``n_vocab_rows``
+    (embedding rows, ``vocab_size``).
+    """
+
+    def read_decoder(
+        self, c: dict[str, Any], where: str, *, head_dim: int | None, n_ctx_train: int
+    ) -> None:
+        """Read the HF keys; ``head_dim`` None defaults to hidden_size / heads.
+
+        Raises:
+            ConfigError: a required key is missing or mistyped.
+        """
+        self.n_embd: int = require(c, "hidden_size", int, where)
+        self.n_layer: int = require(c, "num_hidden_layers", int, where)
+        self.n_ff: int = require(c, "intermediate_size", int, where)
+        self.n_head: int = require(c, "num_attention_heads", int, where)
+        self.n_head_kv: int = optional(c, "num_key_value_heads", int, self.n_head, where)
+        default_head_dim = head_dim if head_dim is not None else self.n_embd // self.n_head
+        self.head_dim: int = optional(c, "head_dim", int, default_head_dim, where)
+        self.n_ctx_train: int = optional(c, "max_position_embeddings", int, n_ctx_train, where)
+        self.rms_eps: float = float(optional(c, "rms_norm_eps", (int, float), 1e-6, where))
+        self.n_vocab_rows: int = require(c, "vocab_size", int, where)
+
+    def write_decoder(self, writer: gguf.GGUFWriter) -> None:
+        writer.add_context_length(self.n_ctx_train)
+        writer.add_embedding_length(self.n_embd)
+        writer.add_block_count(self.n_layer)
+        writer.add_feed_forward_length(self.n_ff)
+        writer.add_head_count(self.n_head)
+        writer.add_head_count_kv(self.n_head_kv)
+        writer.add_key_length(self.head_dim)
+        writer.add_value_length(self.head_dim)
+        writer.add_layer_norm_rms_eps(self.rms_eps)
+
+    def expected_shapes(self) -> dict[str, tuple[int, ...]]:
+        """PyTorch shape of each GGUF tensor kind (``blk.N.<kind>.weight``) the config implies."""
+        q_dim, kv_dim = self.n_head * self.head_dim, self.n_head_kv * self.head_dim
+        return {
+            "token_embd": (self.n_vocab_rows, self.n_embd),
+            "output": (self.n_vocab_rows, self.n_embd),
+            "attn_q": (q_dim, self.n_embd),
+            "attn_k": (kv_dim, self.n_embd),
+            "attn_v": (kv_dim, self.n_embd),
+            "attn_output": (self.n_embd, q_dim),
+            "attn_q_norm": (self.head_dim,),
+            "attn_k_norm": (self.head_dim,),
+            "ffn_gate": (self.n_ff, self.n_embd),
+            "ffn_up": (self.n_ff, self.n_embd),
+            "ffn_down": (self.n_embd, self.n_ff),
+        }
+
+
 def map_name(name_map: gguf.TensorNameMap, name: str, stored: str) -> str:
     """GGUF name for a (prefix-normalised) HF tensor name.
 

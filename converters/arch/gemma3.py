@@ -18,7 +18,14 @@ import gguf
 import numpy as np
 from gguf import GGMLQuantizationType as QT
 
-from converters.arch.base import Converter, check_shape, map_name, optional, require
+from converters.arch.base import (
+    Converter,
+    DecoderConverter,
+    check_shape,
+    map_name,
+    optional,
+    require,
+)
 from converters.checkpoint import Checkpoint, TensorRef
 from converters.errors import ConfigError
 from converters.vocab import load_sentencepiece_vocab, write_vocab
@@ -85,7 +92,7 @@ def _rope(c: dict[str, Any], where: str) -> tuple[float, float, dict[str, Any] |
     )
 
 
-class Gemma3Text(Converter):
+class Gemma3Text(DecoderConverter):
     """``Gemma3ForCausalLM`` (270M, 1B) or the language model of ``Gemma3ForConditionalGeneration``.
 
     Raises (on construction):
@@ -102,16 +109,8 @@ class Gemma3Text(Converter):
         super().__init__(ckpt)
         where = "config.json text_config" if "text_config" in ckpt.config else "config.json"
         c = text_config(ckpt)
-        self.n_embd = require(c, "hidden_size", int, where)
-        self.n_layer = require(c, "num_hidden_layers", int, where)
-        self.n_ff = require(c, "intermediate_size", int, where)
-        self.n_head = require(c, "num_attention_heads", int, where)
-        self.n_head_kv = optional(c, "num_key_value_heads", int, self.n_head, where)
-        self.head_dim = optional(c, "head_dim", int, 256, where)
-        self.n_ctx_train = optional(c, "max_position_embeddings", int, 131_072, where)
-        self.rms_eps = optional(c, "rms_norm_eps", (int, float), 1e-6, where)
+        self.read_decoder(c, where, head_dim=256, n_ctx_train=131_072)
         self.sliding_window = require(c, "sliding_window", int, where)
-        self.n_vocab_rows = require(c, "vocab_size", int, where)
         self.rope_theta, local_base, self.rope_scaling = _rope(c, where)
         if float(local_base) != SWA_ROPE_BASE:
             raise ConfigError(
@@ -158,15 +157,7 @@ class Gemma3Text(Converter):
         return normalise(name).startswith(("model.", "lm_head."))
 
     def set_gguf_parameters(self, writer: gguf.GGUFWriter) -> None:
-        writer.add_context_length(self.n_ctx_train)
-        writer.add_embedding_length(self.n_embd)
-        writer.add_block_count(self.n_layer)
-        writer.add_feed_forward_length(self.n_ff)
-        writer.add_head_count(self.n_head)
-        writer.add_head_count_kv(self.n_head_kv)
-        writer.add_key_length(self.head_dim)
-        writer.add_value_length(self.head_dim)
-        writer.add_layer_norm_rms_eps(float(self.rms_eps))
+        self.write_decoder(writer)
         writer.add_rope_freq_base(float(self.rope_theta))
         writer.add_rope_freq_base_swa(SWA_ROPE_BASE)
         writer.add_sliding_window(self.sliding_window)
@@ -193,22 +184,8 @@ class Gemma3Text(Converter):
 
     def _plan(self, ref: TensorRef, name: str, gguf_name: str) -> PlannedTensor:
         n_vocab = len(self.vocab)
-        q_dim, kv_dim = self.n_head * self.head_dim, self.n_head_kv * self.head_dim
-        expected: dict[str, tuple[int, ...]] = {
-            "token_embd": (self.n_vocab_rows, self.n_embd),
-            "output": (self.n_vocab_rows, self.n_embd),
-            "attn_q": (q_dim, self.n_embd),
-            "attn_k": (kv_dim, self.n_embd),
-            "attn_v": (kv_dim, self.n_embd),
-            "attn_output": (self.n_embd, q_dim),
-            "attn_q_norm": (self.head_dim,),
-            "attn_k_norm": (self.head_dim,),
-            "ffn_gate": (self.n_ff, self.n_embd),
-            "ffn_up": (self.n_ff, self.n_embd),
-            "ffn_down": (self.n_embd, self.n_ff),
-        }
         kind = gguf_name.split(".")[-2]
-        check_shape(ref, expected.get(kind, (self.n_embd,)))
+        check_shape(ref, self.expected_shapes().get(kind, (self.n_embd,)))
         if kind in ("token_embd", "output"):
             # Rows past the tokenizer's vocabulary are padding (262,208 rows, 262,144 +
             # added tokens): llama.cpp needs rows == tokens (convert_hf_to_gguf.py Gemma3Model).

@@ -22,7 +22,14 @@ import numpy as np
 from gguf import MODEL_TENSOR
 from gguf import GGMLQuantizationType as QT
 
-from converters.arch.base import Converter, check_shape, map_name, optional, require
+from converters.arch.base import (
+    Converter,
+    DecoderConverter,
+    check_shape,
+    map_name,
+    optional,
+    require,
+)
 from converters.checkpoint import Checkpoint, TensorRef
 from converters.errors import ConfigError, TensorMappingError
 from converters.vocab import load_bpe_vocab, write_bpe_vocab
@@ -100,7 +107,7 @@ def mrope(c: dict[str, Any]) -> tuple[float, list[int]]:
     return float(theta), list(sections)
 
 
-class Qwen3VLText(Converter):
+class Qwen3VLText(DecoderConverter):
     """The language model of ``Qwen3VLForConditionalGeneration`` (2B–32B).
 
     Raises (on construction):
@@ -117,15 +124,7 @@ class Qwen3VLText(Converter):
     def __init__(self, ckpt: Checkpoint):
         super().__init__(ckpt)
         c = text_config(ckpt)
-        self.n_embd = require(c, "hidden_size", int, TEXT_WHERE)
-        self.n_layer = require(c, "num_hidden_layers", int, TEXT_WHERE)
-        self.n_ff = require(c, "intermediate_size", int, TEXT_WHERE)
-        self.n_head = require(c, "num_attention_heads", int, TEXT_WHERE)
-        self.n_head_kv = optional(c, "num_key_value_heads", int, self.n_head, TEXT_WHERE)
-        self.head_dim = optional(c, "head_dim", int, self.n_embd // self.n_head, TEXT_WHERE)
-        self.n_ctx_train = optional(c, "max_position_embeddings", int, 262_144, TEXT_WHERE)
-        self.rms_eps = optional(c, "rms_norm_eps", (int, float), 1e-6, TEXT_WHERE)
-        self.n_vocab_rows = require(c, "vocab_size", int, TEXT_WHERE)
+        self.read_decoder(c, TEXT_WHERE, head_dim=None, n_ctx_train=262_144)
         self.rope_theta, self.sections = mrope(c)
         if sum(self.sections) != self.head_dim // 2:
             raise ConfigError(
@@ -149,15 +148,7 @@ class Qwen3VLText(Converter):
         return normalise(name).startswith(("model.", "lm_head."))
 
     def set_gguf_parameters(self, writer: gguf.GGUFWriter) -> None:
-        writer.add_context_length(self.n_ctx_train)
-        writer.add_embedding_length(self.n_embd)
-        writer.add_block_count(self.n_layer)
-        writer.add_feed_forward_length(self.n_ff)
-        writer.add_head_count(self.n_head)
-        writer.add_head_count_kv(self.n_head_kv)
-        writer.add_key_length(self.head_dim)
-        writer.add_value_length(self.head_dim)
-        writer.add_layer_norm_rms_eps(float(self.rms_eps))
+        self.write_decoder(writer)
         writer.add_rope_freq_base(self.rope_theta)
         # llama.cpp reads exactly 4 sections; the 4th (unused by text) is 0.
         writer.add_rope_dimension_sections([*self.sections, 0])
@@ -173,26 +164,10 @@ class Qwen3VLText(Converter):
             plans.extend(self._plan(ref, name))
         return plans
 
-    def _expected(self) -> dict[str, tuple[int, ...]]:
-        q_dim, kv_dim = self.n_head * self.head_dim, self.n_head_kv * self.head_dim
-        return {
-            "token_embd": (self.n_vocab_rows, self.n_embd),
-            "output": (self.n_vocab_rows, self.n_embd),
-            "attn_q": (q_dim, self.n_embd),
-            "attn_k": (kv_dim, self.n_embd),
-            "attn_v": (kv_dim, self.n_embd),
-            "attn_output": (self.n_embd, q_dim),
-            "attn_q_norm": (self.head_dim,),
-            "attn_k_norm": (self.head_dim,),
-            "ffn_gate": (self.n_ff, self.n_embd),
-            "ffn_up": (self.n_ff, self.n_embd),
-            "ffn_down": (self.n_embd, self.n_ff),
-        }
-
     def _plan(self, ref: TensorRef, name: str) -> list[PlannedTensor]:
         gguf_name = map_name(self.name_map, name, ref.name)
         kind = gguf_name.split(".")[-2]
-        check_shape(ref, self._expected().get(kind, (self.n_embd,)))
+        check_shape(ref, self.expected_shapes().get(kind, (self.n_embd,)))
         return [PlannedTensor(gguf_name, ref, ref.shape)]
 
 

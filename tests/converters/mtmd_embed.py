@@ -1,12 +1,16 @@
 """llama.cpp's mtmd for a (text GGUF, mmproj GGUF) pair, as the parity tests use it: image
 embeddings (tokenize one media marker with one bitmap, encode the image chunk, read the
-output) and the logits of the text rows that follow an image."""
+output), the logits of the text rows that follow an image, and an image chat through
+llama-cpp-python's own multimodal chat handler."""
 
 from __future__ import annotations
 
+import base64
 import ctypes
+import io
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import llama_cpp
 import numpy as np
@@ -32,6 +36,20 @@ def _bitmap(image: np.ndarray) -> mtmd_cpp.mtmd_bitmap_p:
     )
 
 
+def _tokenize(
+    ctx: mtmd_cpp.mtmd_context_p, prompt: bytes, bitmap: mtmd_cpp.mtmd_bitmap_p
+) -> mtmd_cpp.mtmd_input_chunks_p:
+    """Chunks of ``prompt`` (one media marker) with ``bitmap``; free with
+    ``mtmd_input_chunks_free``."""
+    chunks = mtmd_cpp.mtmd_input_chunks_init()
+    text = mtmd_cpp.mtmd_input_text(prompt, len(prompt), True, True)
+    bitmaps = (mtmd_cpp.mtmd_bitmap_p_ctypes * 1)(bitmap)
+    if mtmd_cpp.mtmd_tokenize(ctx, chunks, ctypes.byref(text), bitmaps, 1) != 0:
+        mtmd_cpp.mtmd_input_chunks_free(chunks)
+        raise AssertionError("mtmd could not tokenize the prompt")
+    return chunks
+
+
 @dataclass
 class ImagePrompt:
     """What llama.cpp ran: the text token ids around the image, the image's token count
@@ -55,12 +73,8 @@ def logits_after_image(
     ``llama`` must have been created with ``n_ctx`` ≥ the prompt's positions."""
     ctx = _context(llama, mmproj)
     bitmap = _bitmap(image)
-    chunks = mtmd_cpp.mtmd_input_chunks_init()
+    chunks = _tokenize(ctx, prompt.encode(), bitmap)
     try:
-        encoded = prompt.encode()
-        text = mtmd_cpp.mtmd_input_text(encoded, len(encoded), True, True)
-        bitmaps = (mtmd_cpp.mtmd_bitmap_p_ctypes * 1)(bitmap)
-        assert mtmd_cpp.mtmd_tokenize(ctx, chunks, ctypes.byref(text), bitmaps, 1) == 0
         n_chunks = mtmd_cpp.mtmd_input_chunks_size(chunks)
         kinds = [
             mtmd_cpp.mtmd_input_chunk_get_type(mtmd_cpp.mtmd_input_chunks_get(chunks, i))
@@ -136,12 +150,8 @@ def image_embeddings(
 
 def _encode(ctx: mtmd_cpp.mtmd_context_p, image: np.ndarray, n_embd: int) -> np.ndarray:
     bitmap = _bitmap(image)
-    chunks = mtmd_cpp.mtmd_input_chunks_init()
+    chunks = _tokenize(ctx, mtmd_cpp.mtmd_default_marker(), bitmap)
     try:
-        marker = mtmd_cpp.mtmd_default_marker()
-        text = mtmd_cpp.mtmd_input_text(marker, len(marker), False, True)
-        bitmaps = (mtmd_cpp.mtmd_bitmap_p_ctypes * 1)(bitmap)
-        assert mtmd_cpp.mtmd_tokenize(ctx, chunks, ctypes.byref(text), bitmaps, 1) == 0
         for index in range(mtmd_cpp.mtmd_input_chunks_size(chunks)):
             chunk = mtmd_cpp.mtmd_input_chunks_get(chunks, index)
             if mtmd_cpp.mtmd_input_chunk_get_type(chunk) != mtmd_cpp.MTMD_INPUT_CHUNK_TYPE_IMAGE:
@@ -158,3 +168,29 @@ def _encode(ctx: mtmd_cpp.mtmd_context_p, image: np.ndarray, n_embd: int) -> np.
     finally:
         mtmd_cpp.mtmd_input_chunks_free(chunks)
         mtmd_cpp.mtmd_bitmap_free(bitmap)
+
+
+def chat_with_image(text_gguf: Path, mmproj: Path, size: tuple[int, int]) -> dict[str, Any]:
+    """One image chat completion (a flat-colour PNG of ``size`` (width, height) as a data
+    URI, 4 tokens, greedy) through llama-cpp-python's ``MTMDChatHandler``."""
+    from llama_cpp.llama_chat_format import MTMDChatHandler
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", size, (10, 200, 30)).save(buffer, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    handler = MTMDChatHandler(clip_model_path=str(mmproj), verbose=False, use_gpu=False)
+    llama = llama_cpp.Llama(str(text_gguf), n_ctx=512, chat_handler=handler, verbose=False)
+    content = [
+        {"type": "image_url", "image_url": {"url": url}},
+        {"type": "text", "text": "What is in the image?"},
+    ]
+    try:
+        reply = llama.create_chat_completion(
+            messages=[{"role": "user", "content": content}],  # type: ignore[list-item]
+            max_tokens=4,
+            temperature=0,
+        )
+    finally:
+        llama.close()
+    return reply  # type: ignore[return-value]

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import io
 from typing import Any
 
 import llama_cpp
@@ -12,7 +10,7 @@ import pytest
 import torch
 
 from converters.convert import ConversionResult
-from tests.converters.mtmd_embed import image_embeddings
+from tests.converters.mtmd_embed import chat_with_image, image_embeddings
 from tests.converters.parity import compare, llama_logits
 
 PROMPTS = [
@@ -112,33 +110,9 @@ def test_vision_embeddings_match_transformers(
 def test_image_chat_through_llama_cpp_python_multimodal_path(
     converted: dict[str, ConversionResult],
 ) -> None:
-    from llama_cpp.llama_chat_format import MTMDChatHandler
-    from PIL import Image
-
     result = converted["mm-f32"]
     assert result.mmproj is not None
-    buffer = io.BytesIO()
-    Image.new("RGB", (112, 112), (10, 200, 30)).save(buffer, format="PNG")
-    url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
-    handler = MTMDChatHandler(clip_model_path=str(result.mmproj), verbose=False, use_gpu=False)
-    llama = llama_cpp.Llama(str(result.text), n_ctx=512, chat_handler=handler, verbose=False)
-    try:
-        reply = llama.create_chat_completion(
-            messages=[
-                {
-                    "role": "user",
-                    "content": [
-                        {"type": "image_url", "image_url": {"url": url}},
-                        {"type": "text", "text": "What is in the image?"},
-                    ],
-                }
-            ],
-            max_tokens=4,
-            temperature=0,
-        )
-    finally:
-        llama.close()
-    usage = reply["usage"]
+    usage = chat_with_image(result.text, result.mmproj, (112, 112))["usage"]
     # 16 image tokens plus the text around them went through the model.
     assert usage["prompt_tokens"] > 16
     assert usage["completion_tokens"] >= 1

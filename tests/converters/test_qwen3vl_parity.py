@@ -4,8 +4,6 @@ vision embeddings with deepstack features, and tokenization."""
 
 from __future__ import annotations
 
-import base64
-import io
 from typing import Any
 
 import llama_cpp
@@ -16,7 +14,7 @@ from llama_cpp import mtmd_cpp
 
 from converters.convert import ConversionResult
 from tests.converters.conftest import QWEN_VARIANTS
-from tests.converters.mtmd_embed import image_embeddings, logits_after_image
+from tests.converters.mtmd_embed import chat_with_image, image_embeddings, logits_after_image
 from tests.converters.parity import compare, llama_logits
 from tests.converters.qwen_builders import IMAGE_PAD_ID
 from tests.converters.test_gemma3_parity import PROMPTS
@@ -181,33 +179,10 @@ def test_tokenizer_parity(
 def test_image_chat_through_llama_cpp_python_multimodal_path(
     qwen_converted: dict[str, ConversionResult], variant: str
 ) -> None:
-    from llama_cpp.llama_chat_format import MTMDChatHandler
-    from PIL import Image
-
     result = qwen_converted[f"{variant}-f32"]
     assert result.mmproj is not None
-    buffer = io.BytesIO()
-    Image.new("RGB", (128, 96), (10, 200, 30)).save(buffer, format="PNG")
-    url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
-    handler = MTMDChatHandler(clip_model_path=str(result.mmproj), verbose=False, use_gpu=False)
-    llama = llama_cpp.Llama(str(result.text), n_ctx=512, chat_handler=handler, verbose=False)
-    try:
-        reply = llama.create_chat_completion(
-            messages=[
-                {
-                    "role": "user",
-                    "content": [
-                        {"type": "image_url", "image_url": {"url": url}},
-                        {"type": "text", "text": "What is in the image?"},
-                    ],
-                }
-            ],
-            max_tokens=4,
-            temperature=0,
-        )
-    finally:
-        llama.close()
+    usage = chat_with_image(result.text, result.mmproj, (128, 96))["usage"]
     # 128×96 → 4×3 merged patches = 12 image tokens, which advance 4 positions (M-RoPE);
     # llama-cpp-python counts positions (CONVERTER_NOTES.md).
-    assert reply["usage"]["prompt_tokens"] > 4
-    assert reply["usage"]["completion_tokens"] >= 1
+    assert usage["prompt_tokens"] > 4
+    assert usage["completion_tokens"] >= 1
