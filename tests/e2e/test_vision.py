@@ -183,31 +183,34 @@ def test_bad_images_over_http(
     assert after.status_code == 200
 
 
-def image_metric(server: RunningServer, name: str) -> float:
+def image_metric(server: RunningServer, name: str, model: str = MODEL) -> float:
     text = httpx.get(f"{server.base_url}/metrics").text
-    line = next(x for x in text.splitlines() if x.startswith(f'{name}_total{{model="{MODEL}"}}'))
+    line = next(x for x in text.splitlines() if x.startswith(f'{name}_total{{model="{model}"}}'))
     return float(line.split()[-1])
 
 
-def test_repeated_image_comes_from_the_embedding_cache(
-    vision_server: RunningServer, sdk: openai.OpenAI
+def check_repeat_is_cached(
+    server: RunningServer, sdk: openai.OpenAI, model: str, size: tuple[int, int], **extra: Any
 ) -> None:
-    noise = Image.effect_noise((112, 112), 60).convert("RGB")
+    """Send one new image twice: one encode, then one cache hit, the same answer; prints
+    both times to first token."""
+    noise = Image.effect_noise(size, 60).convert("RGB")
     buffer = io.BytesIO()
     noise.save(buffer, format="PNG")
     url = data_uri(buffer.getvalue())
-    encodes = image_metric(vision_server, "ggufserve_image_encodes")
-    hits = image_metric(vision_server, "ggufserve_image_cache_hits")
+    encodes = image_metric(server, "ggufserve_image_encodes", model)
+    hits = image_metric(server, "ggufserve_image_cache_hits", model)
     ttft = []
     answers = []
     for _ in range(2):
         started = time.perf_counter()
         stream = sdk.chat.completions.create(
-            model=MODEL,
+            model=model,
             messages=[{"role": "user", "content": [image(url), TEXT]}],  # type: ignore[list-item]
             max_tokens=6,
             temperature=0,
             stream=True,
+            **extra,
         )
         text, first = "", None
         for chunk in stream:
@@ -216,10 +219,18 @@ def test_repeated_image_comes_from_the_embedding_cache(
                 text += chunk.choices[0].delta.content
         ttft.append((first or time.perf_counter()) - started)
         answers.append(text)
-    print(f"\nimage TTFT first {1000 * ttft[0]:.1f} ms, repeat {1000 * ttft[1]:.1f} ms")
-    assert image_metric(vision_server, "ggufserve_image_encodes") == encodes + 1
-    assert image_metric(vision_server, "ggufserve_image_cache_hits") == hits + 1
+    print(
+        f"\n{model} {size} image TTFT first {1000 * ttft[0]:.1f} ms, repeat {1000 * ttft[1]:.1f} ms"
+    )
+    assert image_metric(server, "ggufserve_image_encodes", model) == encodes + 1
+    assert image_metric(server, "ggufserve_image_cache_hits", model) == hits + 1
     assert answers[0] == answers[1]
+
+
+def test_repeated_image_comes_from_the_embedding_cache(
+    vision_server: RunningServer, sdk: openai.OpenAI
+) -> None:
+    check_repeat_is_cached(vision_server, sdk, MODEL, (112, 112))
 
 
 @pytest.mark.parametrize(

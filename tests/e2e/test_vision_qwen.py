@@ -16,7 +16,7 @@ from PIL import Image
 from converters.convert import convert
 from tests.conftest import RunningServer
 from tests.converters.test_qwen3vl_checkpoints import QWEN_NO_EOG
-from tests.e2e.test_vision import TEXT, data_uri, image
+from tests.e2e.test_vision import TEXT, check_repeat_is_cached, data_uri, image
 
 VARIANTS = ["dense", "moe"]
 
@@ -143,3 +143,11 @@ def test_images_outside_the_model_limits_are_resized(
     assert text_only.status_code == 200
     image_tokens = prompt_tokens - text_only.json()["usage"]["prompt_tokens"] - 2
     assert 8 <= image_tokens <= 4096
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_repeated_image_comes_from_the_embedding_cache(
+    qwen_server: RunningServer, sdk: openai.OpenAI, variant: str
+) -> None:
+    # 512×512 → 256 image tokens, each 3 × 64 wide (main + 2 deepstack rows).
+    check_repeat_is_cached(qwen_server, sdk, f"qwen-{variant}", (512, 512), logit_bias=QWEN_NO_EOG)
