@@ -193,11 +193,16 @@ def check_repeat_is_cached(
     server: RunningServer, sdk: openai.OpenAI, model: str, size: tuple[int, int], **extra: Any
 ) -> None:
     """Send one new image twice: one encode, then one cache hit, the same answer; prints
-    both times to first token."""
-    noise = Image.effect_noise(size, 60).convert("RGB")
-    buffer = io.BytesIO()
-    noise.save(buffer, format="PNG")
-    url = data_uri(buffer.getvalue())
+    both times to first token (after a warm-up request with another image of that size,
+    so the first time is not also the server's first image)."""
+    urls = []
+    for sigma in (60, 61):
+        buffer = io.BytesIO()
+        Image.effect_noise(size, sigma).convert("RGB").save(buffer, format="PNG")
+        urls.append(data_uri(buffer.getvalue()))
+    warm_up, url = urls
+    messages = [{"role": "user", "content": [image(warm_up), TEXT]}]
+    sdk.chat.completions.create(model=model, messages=messages, max_tokens=1, **extra)  # type: ignore[arg-type]
     encodes = image_metric(server, "ggufserve_image_encodes", model)
     hits = image_metric(server, "ggufserve_image_cache_hits", model)
     ttft = []
