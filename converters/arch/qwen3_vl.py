@@ -202,7 +202,7 @@ class Qwen3VLMoeText(Qwen3VLText):
     along the last axis) and ``down_proj`` as ``(E, n_ff_exp, n_embd)``: each expert matrix
     is transposed. A checkpoint saved from transformers 5's in-memory model has
     ``(E, 2·n_ff_exp, n_embd)`` / ``(E, n_embd, n_ff_exp)``: already GGML's order. The
-    layout is told apart by shape.
+    layout is told apart once per checkpoint by the shape of ``gate_up_proj``.
 
     Raises (on construction), in addition to :class:`Qwen3VLText`:
         ConfigError: missing expert keys, top-k weights not normalised, dense layers mixed
@@ -236,6 +236,14 @@ class Qwen3VLMoeText(Qwen3VLText):
                 f"{TEXT_WHERE}: hidden_size = 2 × moe_intermediate_size: the stored expert "
                 "layout (Hub or transformers in-memory) cannot be told apart"
             )
+        # One layout per checkpoint, told by gate_up_proj (down_proj alone is ambiguous
+        # when n_embd == n_ff); every expert tensor is then checked against it.
+        hub_shape = (self.n_expert, self.n_embd, 2 * self.n_ff_exp)
+        self.hub_layout = any(
+            ref.shape == hub_shape
+            for name, ref in ckpt.tensors.items()
+            if name.endswith("mlp.experts.gate_up_proj")
+        )
 
     def set_gguf_parameters(self, writer: gguf.GGUFWriter) -> None:
         super().set_gguf_parameters(writer)
@@ -247,9 +255,8 @@ class Qwen3VLMoeText(Qwen3VLText):
         e, n, f = self.n_expert, self.n_embd, self.n_ff_exp
         if name.endswith("mlp.experts.gate_up_proj"):
             bid = int(name.split(".")[2])
-            hub = ref.shape == (e, n, 2 * f)
-            if not hub:
-                check_shape(ref, (e, 2 * f, n))
+            hub = self.hub_layout
+            check_shape(ref, (e, n, 2 * f) if hub else (e, 2 * f, n))
             gate = gguf.TENSOR_NAMES[MODEL_TENSOR.FFN_GATE_EXP].format(bid=bid) + ".weight"
             up = gguf.TENSOR_NAMES[MODEL_TENSOR.FFN_UP_EXP].format(bid=bid) + ".weight"
             return [
@@ -257,9 +264,8 @@ class Qwen3VLMoeText(Qwen3VLText):
                 PlannedTensor(up, ref, (e, f, n), _rows(f, 2 * f, hub)),
             ]
         if name.endswith("mlp.experts.down_proj"):
-            hub = ref.shape == (e, f, n) and f != n
-            if not hub:
-                check_shape(ref, (e, n, f))
+            hub = self.hub_layout
+            check_shape(ref, (e, f, n) if hub else (e, n, f))
             gguf_name = map_name(self.name_map, name, ref.name) + ".weight"
             return [PlannedTensor(gguf_name, ref, (e, n, f), _rows(0, n, hub))]
         if name.endswith("mlp.gate.weight"):
