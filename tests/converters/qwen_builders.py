@@ -231,7 +231,7 @@ def build_qwen3vl(folder: Path, moe: bool, seed: int = 0) -> None:
 
 def qwen3vl_checkpoint(moe: bool) -> Path:
     """The cached tiny dense (``Qwen3VLForConditionalGeneration``) or MoE checkpoint."""
-    source = inspect.getsource(sys.modules[__name__])
+    source = inspect.getsource(sys.modules[__name__]) + CHAT_TEMPLATE
     recipe = {"moe": moe, "source": hashlib.sha256(source.encode()).hexdigest()}
     name = "qwen3vl-moe" if moe else "qwen3vl-dense"
     return cached(name, recipe, lambda d: build_qwen3vl(d, moe))
