@@ -131,6 +131,22 @@ class Checkpoint:
         path = self.file(name)
         return None if path is None else read_json_object(path, CheckpointError)
 
+    def image_processor_configs(self) -> list[dict[str, Any]]:
+        """The image processor settings, most authoritative first: ``preprocessor_config.json``
+        (Hub), then ``processor_config.json``'s ``image_processor`` (transformers 5); empty
+        ones left out.
+
+        Raises:
+            CheckpointError: a file exists but is not a JSON object.
+        """
+        configs = []
+        for name in ("preprocessor_config.json", "processor_config.json"):
+            data = self.json_file(name) or {}
+            data = data.get("image_processor", data)
+            if isinstance(data, dict) and data:
+                configs.append(data)
+        return configs
+
 
 def read_json_object(path: Path, error: type[Exception]) -> dict[str, Any]:
     """Read a JSON object file.

@@ -131,6 +131,18 @@ class DecoderConverter(Converter):
         }
 
 
+def language_model_name(name: str) -> str:
+    """Text tensors of a multimodal checkpoint under one prefix: ``model.language_model.*``
+    (transformers 5) and ``language_model.model.*`` (4.x) become ``model.*``,
+    ``language_model.lm_head.*`` becomes ``lm_head.*``; other names are returned as is."""
+    for prefix in ("model.language_model.", "language_model.model."):
+        if name.startswith(prefix):
+            return "model." + name[len(prefix) :]
+    if name.startswith("language_model.lm_head."):
+        return name[len("language_model.") :]
+    return name
+
+
 def map_name(name_map: gguf.TensorNameMap, name: str, stored: str) -> str:
     """GGUF name for a (prefix-normalised) HF tensor name.
 

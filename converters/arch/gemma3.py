@@ -22,6 +22,7 @@ from converters.arch.base import (
     Converter,
     DecoderConverter,
     check_shape,
+    language_model_name,
     map_name,
     optional,
     require,
@@ -42,11 +43,9 @@ LAYERS_27B = 62
 def normalise(name: str) -> str:
     """Map the stored layouts onto one: ``model.*``/``lm_head``, ``vision_tower.vision_model.*``,
     ``multi_modal_projector.*``."""
-    for prefix in ("model.language_model.", "language_model.model."):
-        if name.startswith(prefix):
-            return "model." + name[len(prefix) :]
-    if name.startswith("language_model.lm_head."):
-        return name[len("language_model.") :]
+    text = language_model_name(name)
+    if text != name:
+        return text
     if name.startswith("model.") and name.split(".")[1] in (
         "vision_tower",
         "multi_modal_projector",
@@ -234,9 +233,7 @@ class Gemma3Vision(Converter):
     def _normalisation(self) -> tuple[list[float], list[float]]:
         """Image mean/std from ``preprocessor_config.json`` (Hub) or ``processor_config.json``
         (transformers 5, under ``image_processor``); SigLIP's 0.5 when neither says."""
-        for name in ("preprocessor_config.json", "processor_config.json"):
-            data = self.ckpt.json_file(name) or {}
-            data = data.get("image_processor", data)
+        for data in self.ckpt.image_processor_configs():
             if "image_mean" in data and "image_std" in data:
                 return [float(x) for x in data["image_mean"]], [float(x) for x in data["image_std"]]
         return [0.5] * 3, [0.5] * 3

@@ -26,6 +26,7 @@ from converters.arch.base import (
     Converter,
     DecoderConverter,
     check_shape,
+    language_model_name,
     map_name,
     optional,
     require,
@@ -43,11 +44,7 @@ VISION_LN_EPS = 1e-6
 
 def normalise(name: str) -> str:
     """Map the stored layouts onto ``model.*`` / ``lm_head.*`` (text) and ``visual.*``."""
-    for prefix in ("model.language_model.", "language_model.model."):
-        if name.startswith(prefix):
-            return "model." + name[len(prefix) :]
-    if name.startswith("language_model.lm_head."):
-        return name[len("language_model.") :]
+    name = language_model_name(name)
     if name.startswith("model.visual."):
         return name[len("model.") :]
     return name
@@ -315,18 +312,9 @@ class Qwen3VLVision(Converter):
                 f"{VISION_WHERE}: out_hidden_size {self.out_hidden} must equal the text "
                 f"hidden_size {n_embd_text}"
             )
-        self.preprocessor = self._preprocessor()
+        # Qwen's defaults (mean/std 0.5, no pixel limits) where no image processor file says.
+        self.preprocessor = next(iter(ckpt.image_processor_configs()), {})
         self.name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.MMPROJ, self.n_layer)
-
-    def _preprocessor(self) -> dict[str, Any]:
-        """``preprocessor_config.json`` (Hub) or ``processor_config.json``'s
-        ``image_processor`` (transformers 5); Qwen's defaults where neither says."""
-        for name in ("preprocessor_config.json", "processor_config.json"):
-            data = self.ckpt.json_file(name) or {}
-            data = data.get("image_processor", data)
-            if data:
-                return data
-        return {}
 
     def _pixel_limits(self) -> tuple[int | None, int | None]:
         """(min, max) pixels: ``size.shortest_edge`` / ``longest_edge`` (which Qwen's
