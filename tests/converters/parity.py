@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import llama_cpp
 import numpy as np
@@ -20,6 +21,14 @@ class Parity:
     @property
     def relative(self) -> float:
         return self.max_abs / self.logit_range
+
+
+def reference_logits(model: Any, ids: list[int]) -> np.ndarray:
+    """(n_tokens, n_vocab) float32 logits of a transformers model for ``ids`` (no grad)."""
+    import torch
+
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([ids])).logits[0].float().numpy()
 
 
 def llama_logits(model_path: str, token_ids: list[int], *, f32_kv: bool = True) -> np.ndarray:

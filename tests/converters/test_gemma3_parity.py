@@ -11,7 +11,7 @@ import torch
 
 from converters.convert import ConversionResult
 from tests.converters.mtmd_embed import chat_with_image, image_embeddings
-from tests.converters.parity import compare, llama_logits
+from tests.converters.parity import compare, llama_logits, reference_logits
 
 PROMPTS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -20,11 +20,6 @@ PROMPTS = [
     # Longer than the 16-token sliding window: local and global layers both matter.
     " ".join(["Once upon a time, in a land far away, there lived a curious cat."] * 5),
 ]
-
-
-def reference_logits(model: Any, ids: list[int]) -> np.ndarray:
-    with torch.no_grad():
-        return model(torch.tensor([ids])).logits[0].float().numpy()
 
 
 @pytest.mark.parametrize("prompt", PROMPTS, ids=["english", "code", "cjk-emoji", "long"])
@@ -64,8 +59,7 @@ def test_multimodal_language_model_logits_f32(
     _, tokenizer = hf_text
     for prompt in PROMPTS[:2] + PROMPTS[3:]:
         ids = tokenizer(prompt)["input_ids"]
-        with torch.no_grad():
-            reference = hf_mm(input_ids=torch.tensor([ids])).logits[0].float().numpy()
+        reference = reference_logits(hf_mm, ids)
         got = llama_logits(str(converted["mm-f32"].text), ids)
         # Columns past the real vocabulary belong to the trimmed padding rows.
         parity = compare(reference[:, : got.shape[1]], got)

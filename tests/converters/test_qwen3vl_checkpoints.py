@@ -3,9 +3,7 @@ and convert → quantize → --register → serve an image chat over HTTP."""
 
 from __future__ import annotations
 
-import base64
 import hashlib
-import io
 import json
 import shutil
 from collections.abc import Callable
@@ -15,7 +13,6 @@ from typing import Any
 import gguf
 import httpx
 import pytest
-from PIL import Image
 
 from converters.__main__ import main
 from converters.convert import ConversionResult, convert
@@ -29,6 +26,7 @@ from tests.converters.qwen_builders import (
     VISION_CONFIG,
 )
 from tests.converters.test_gguf_metadata import fields
+from tests.e2e.test_vision import data_uri, png
 
 # llama.cpp's end-of-generation tokens for Qwen: <|endoftext|>, <|im_end|>, <|fim_pad|>,
 # <|repo_name|>, <|file_sep|>; biased away so the random tiny models keep generating.
@@ -79,7 +77,7 @@ def test_moe_text_metadata(qwen_converted: dict[str, ConversionResult]) -> None:
     assert "output.weight" in tensors  # untied
 
 
-def test_dense_is_tied_and_f16_keeps_routerless_norms_f32(
+def test_dense_is_tied_and_f16_keeps_norms_f32(
     qwen_converted: dict[str, ConversionResult],
 ) -> None:
     tensors = fields(qwen_converted["dense-f16"].text)["tensors"]
@@ -246,12 +244,6 @@ def test_unknown_pre_tokenizer_is_a_vocab_error(qwen_ckpt: dict[str, Path], tmp_
     assert not (tmp_path / "out").exists()
 
 
-def png_data_uri(size: tuple[int, int], color: tuple[int, int, int]) -> str:
-    buffer = io.BytesIO()
-    Image.new("RGB", size, color).save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
-
-
 def test_convert_quantize_register_then_serve_images(
     qwen_ckpt: dict[str, Path], tmp_path: Path, server_factory: Callable[..., RunningServer]
 ) -> None:
@@ -279,7 +271,7 @@ def test_convert_quantize_register_then_serve_images(
     assert {c["id"]: c["capabilities"] for c in cards}["qwen-moe"] == ["completion", "vision"]
     for model in ("qwen-dense", "qwen-moe"):
         usage = []
-        picture = {"type": "image_url", "image_url": {"url": png_data_uri((128, 96), (200, 9, 9))}}
+        picture = {"type": "image_url", "image_url": {"url": data_uri(png((200, 9, 9), (128, 96)))}}
         for parts in ([], [picture]):
             message = {"role": "user", "content": [*parts, {"type": "text", "text": "What?"}]}
             body = {"model": model, "messages": [message], "max_tokens": 3}

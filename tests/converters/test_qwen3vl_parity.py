@@ -15,7 +15,7 @@ from llama_cpp import mtmd_cpp
 from converters.convert import ConversionResult
 from tests.converters.conftest import QWEN_VARIANTS
 from tests.converters.mtmd_embed import chat_with_image, image_embeddings, logits_after_image
-from tests.converters.parity import compare, llama_logits
+from tests.converters.parity import compare, llama_logits, reference_logits
 from tests.converters.qwen_builders import IMAGE_PAD_ID
 from tests.converters.test_gemma3_parity import PROMPTS
 from tests.converters.test_tokenizer_parity import corpus
@@ -40,8 +40,7 @@ def test_text_logits_f32(
 ) -> None:
     model, tokenizer, _ = hf_qwen[variant]
     ids = tokenizer(prompt)["input_ids"]
-    with torch.no_grad():
-        reference = model(input_ids=torch.tensor([ids])).logits[0].numpy()
+    reference = reference_logits(model, ids)
     parity = compare(reference, llama_logits(str(qwen_converted[f"{variant}-f32"].text), ids))
     print(f"\n{variant} F32 {len(ids)} tokens: {parity} relative {parity.relative:.2e}")
     assert parity.relative <= 1e-3, parity
@@ -56,8 +55,7 @@ def test_text_logits_f16_top1(
     agree, positions = 0.0, 0
     for prompt in [*PROMPTS, CHAT_PROMPT]:
         ids = tokenizer(prompt)["input_ids"]
-        with torch.no_grad():
-            reference = model(input_ids=torch.tensor([ids])).logits[0].numpy()
+        reference = reference_logits(model, ids)
         parity = compare(reference, llama_logits(str(qwen_converted[f"{variant}-f16"].text), ids))
         agree += parity.top1_agree * parity.positions
         positions += parity.positions

@@ -17,7 +17,7 @@ import torch
 from converters.quantize import quantize
 from tests.conftest import REPO
 from tests.converters.builders import cached
-from tests.converters.parity import compare, llama_logits
+from tests.converters.parity import compare, llama_logits, reference_logits
 from tests.converters.real_weights import build_real_gemma3_270m
 
 MiB = 2**20
@@ -100,8 +100,7 @@ def test_round_trip_logits_equal_transformers(real_ckpt: Path, real_f32: dict[st
     tokenizer = AutoTokenizer.from_pretrained(real_ckpt)
     model = AutoModelForCausalLM.from_pretrained(real_ckpt, dtype=torch.float32).eval()
     ids = text_ids(tokenizer, 256)
-    with torch.no_grad():
-        reference = model(torch.tensor([ids])).logits[0].float().numpy()
+    reference = reference_logits(model, ids)
     parity = compare(reference, llama_logits(str(real_f32["path"]), ids))
     print(
         f"\nreal 270M F32 round trip: max|dlogit| {parity.max_abs:.4f} over range "

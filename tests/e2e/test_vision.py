@@ -24,9 +24,18 @@ MODEL = "tiny-vision"
 IMAGE_TOKENS = 16  # mm_tokens_per_image of the tiny checkpoint
 
 
-def png(color: tuple[int, int, int], size: int = 112) -> bytes:
+def png(
+    color: tuple[int, int, int] | None = None, size: tuple[int, int] = (112, 112), sigma: int = 60
+) -> bytes:
+    """A PNG of ``size`` (width, height): one colour, or Gaussian noise of ``sigma`` when
+    ``color`` is None."""
+    picture = (
+        Image.new("RGB", size, color)
+        if color is not None
+        else Image.effect_noise(size, sigma).convert("RGB")
+    )
     buffer = io.BytesIO()
-    Image.new("RGB", (size, size), color).save(buffer, format="PNG")
+    picture.save(buffer, format="PNG")
     return buffer.getvalue()
 
 
@@ -115,10 +124,7 @@ def test_prompt_tokens_grow_by_image_tokens(sdk: openai.OpenAI) -> None:
 
 def test_different_images_give_different_outputs(sdk: openai.OpenAI) -> None:
     red = ask(sdk, [image(data_uri(png((255, 0, 0)))), TEXT]).choices[0].message.content
-    noise = Image.effect_noise((112, 112), 80).convert("RGB")
-    buffer = io.BytesIO()
-    noise.save(buffer, format="PNG")
-    other = ask(sdk, [image(data_uri(buffer.getvalue())), TEXT]).choices[0].message.content
+    other = ask(sdk, [image(data_uri(png(sigma=80))), TEXT]).choices[0].message.content
     assert red and other and red != other
 
 
@@ -195,12 +201,7 @@ def check_repeat_is_cached(
     """Send one new image twice: one encode, then one cache hit, the same answer; prints
     both times to first token (after a warm-up request with another image of that size,
     so the first time is not also the server's first image)."""
-    urls = []
-    for sigma in (60, 61):
-        buffer = io.BytesIO()
-        Image.effect_noise(size, sigma).convert("RGB").save(buffer, format="PNG")
-        urls.append(data_uri(buffer.getvalue()))
-    warm_up, url = urls
+    warm_up, url = (data_uri(png(size=size, sigma=sigma)) for sigma in (60, 61))
     messages = [{"role": "user", "content": [image(warm_up), TEXT]}]
     sdk.chat.completions.create(model=model, messages=messages, max_tokens=1, **extra)  # type: ignore[arg-type]
     encodes = image_metric(server, "ggufserve_image_encodes", model)
@@ -245,8 +246,6 @@ def test_images_of_any_size_become_the_models_image(
     sdk: openai.OpenAI, size: tuple[int, int]
 ) -> None:
     """Gemma 3 sees every image at its fixed image_size: any size gives 16 image tokens."""
-    buffer = io.BytesIO()
-    Image.effect_noise(size, 60).convert("RGB").save(buffer, format="PNG")
     text_only = ask(sdk, "What is in the image?", max_tokens=1).usage.prompt_tokens
-    reply = ask(sdk, [image(data_uri(buffer.getvalue())), TEXT], max_tokens=1)
+    reply = ask(sdk, [image(data_uri(png(size=size))), TEXT], max_tokens=1)
     assert reply.usage.prompt_tokens - text_only == IMAGE_TOKENS + 3

@@ -3,7 +3,6 @@ converter: M-RoPE image positions, deepstack rows and Qwen's image token layout.
 
 from __future__ import annotations
 
-import io
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -11,26 +10,13 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from PIL import Image
 
 from converters.convert import convert
 from tests.conftest import RunningServer
 from tests.converters.test_qwen3vl_checkpoints import QWEN_NO_EOG
-from tests.e2e.test_vision import TEXT, check_repeat_is_cached, data_uri, image
+from tests.e2e.test_vision import TEXT, check_repeat_is_cached, data_uri, image, png
 
 VARIANTS = ["dense", "moe"]
-
-
-def png(size: tuple[int, int], color: tuple[int, int, int] | None = None) -> bytes:
-    """A PNG of ``size`` (width, height): one colour, or noise when ``color`` is None."""
-    picture = (
-        Image.new("RGB", size, color)
-        if color is not None
-        else Image.effect_noise(size, 70).convert("RGB")
-    )
-    buffer = io.BytesIO()
-    picture.save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -79,8 +65,8 @@ def user(*parts: dict[str, Any]) -> dict[str, Any]:
 def test_prompt_tokens_grow_by_image_tokens(sdk: openai.OpenAI, variant: str) -> None:
     model = f"qwen-{variant}"
     text_only = ask(sdk, model, [user(TEXT)]).usage.prompt_tokens
-    one = ask(sdk, model, [user(image(data_uri(png((128, 96), (255, 0, 0)))), TEXT)])
-    red, tall = data_uri(png((128, 96), (255, 0, 0))), data_uri(png((64, 256)))
+    one = ask(sdk, model, [user(image(data_uri(png((255, 0, 0), (128, 96)))), TEXT)])
+    red, tall = data_uri(png((255, 0, 0), (128, 96))), data_uri(png(size=(64, 256), sigma=70))
     two = ask(sdk, model, [user(image(red), image(tall), TEXT)])
     # 128×96 → 4×3 merged 32-pixel patches = 12 tokens; 64×256 → 2×8 = 16 tokens; each
     # image also brings <|vision_start|> and <|vision_end|>.
@@ -93,14 +79,14 @@ def test_different_images_give_different_outputs(sdk: openai.OpenAI, variant: st
     model = f"qwen-{variant}"
     answers = [
         ask(sdk, model, [user(image(data_uri(data)), TEXT)]).choices[0].message.content
-        for data in (png((128, 128), (255, 0, 0)), png((128, 128)))
+        for data in (png((255, 0, 0), (128, 128)), png(size=(128, 128), sigma=70))
     ]
     assert all(answers) and answers[0] != answers[1]
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_multi_image_multi_turn_stream(sdk: openai.OpenAI, variant: str) -> None:
-    red, blue = data_uri(png((96, 96), (255, 0, 0))), data_uri(png((160, 64), (0, 0, 255)))
+    red, blue = data_uri(png((255, 0, 0), (96, 96))), data_uri(png((0, 0, 255), (160, 64)))
     messages = [
         user({"type": "text", "text": "Compare:"}, image(red), image(blue), TEXT),
         {"role": "assistant", "content": "Red, then blue."},
@@ -128,7 +114,7 @@ def test_images_outside_the_model_limits_are_resized(
     limits for the projector (8 to 4096 image tokens) instead of failing."""
     body = {
         "model": "qwen-moe",
-        "messages": [user(image(data_uri(png(size))), TEXT)],
+        "messages": [user(image(data_uri(png(size=size, sigma=70))), TEXT)],
         "max_tokens": 2,
         "logit_bias": QWEN_NO_EOG,
     }
