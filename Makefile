@@ -10,30 +10,35 @@ BIN := $(VENV)/bin
 LLAMA_CPP_PYTHON_VERSION := 0.3.36
 LLAMA_CPP_PYTHON := llama-cpp-python==$(LLAMA_CPP_PYTHON_VERSION)
 
-CMAKE_ARGS_cpu :=
-CMAKE_ARGS_cuda := -DGGML_CUDA=on
-CMAKE_ARGS_metal := -DGGML_METAL=on
 ifeq ($(filter $(BACKEND),cpu cuda metal),)
 $(error BACKEND must be cpu, cuda or metal, not '$(BACKEND)')
 endif
-export CMAKE_ARGS ?= $(CMAKE_ARGS_$(BACKEND))
+# AMX=auto|on|off: Intel AMX in a -march=native CPU build (see README, "Build backends").
+AMX ?= auto
+# FORCE_REBUILD=1 rebuilds llama-cpp-python even when a wheel with the same key is cached.
+FORCE_REBUILD ?=
+ifdef CMAKE_ARGS
+export CMAKE_ARGS
+endif
+NATIVE := $(BIN)/python -m server.native.build
 
-STAMP_RUN := $(VENV)/.installed-$(BACKEND)
-STAMP_TEST := $(VENV)/.installed-test-$(BACKEND)
+STAMP_RUN := $(VENV)/.installed-run
+STAMP_TEST := $(VENV)/.installed-test
 
-.PHONY: install serve test lint bench bench-convert clean
+.PHONY: install llama serve test lint bench bench-convert clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 
-# pip caches the wheel it builds from llama-cpp-python's sdist; a GPU backend must not
-# reuse a cached CPU wheel, so it is rebuilt without the cache.
-$(STAMP_RUN): pyproject.toml | $(BIN)/python
+# llama-cpp-python comes from our own wheel cache, keyed by the build flags, the compilers
+# and this CPU's native instruction set (pip's cache keys only by the sdist); it is in the
+# venv before `pip install -e .`, so pip never builds it itself. Always checked: seconds.
+llama: | $(BIN)/python
+	$(NATIVE) ensure --backend $(BACKEND) --amx $(AMX) $(if $(FORCE_REBUILD),--force)
+
+$(STAMP_RUN): pyproject.toml | llama
 	rm -f $(VENV)/.installed-*
-ifneq ($(BACKEND),cpu)
-	$(BIN)/pip install --no-cache-dir --force-reinstall --no-deps "$(LLAMA_CPP_PYTHON)"
-endif
 	$(BIN)/pip install -e .
 	touch $@
 
@@ -46,12 +51,15 @@ $(STAMP_TEST): $(STAMP_RUN)
 	$(BIN)/pip install --no-deps "$(DASHSCOPE)"
 	touch $@
 
+# A tiny generation in a child process, once per build: a build that crashes here (SIGILL)
+# is rebuilt without AMX when AMX was in it, else the step fails with the fix.
 install: $(STAMP_RUN)
+	$(NATIVE) verify --backend $(BACKEND) --amx $(AMX)
 
-serve: $(STAMP_RUN)
+serve: install
 	$(BIN)/ggufserve serve $(SERVE_ARGS)
 
-test: $(STAMP_TEST)
+test: install $(STAMP_TEST)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP_TEST)
@@ -60,13 +68,24 @@ lint: $(STAMP_TEST)
 	$(BIN)/mypy server converters
 
 # The peer server (llama-cpp-python[server]) pins its own FastAPI/Starlette: it gets a
-# separate environment so it cannot change ours. Same sdist, so pip's wheel cache is reused.
+# separate environment so it cannot change ours, with the same llama.cpp build as ours.
+# examples/server/server.py (llama-cpp-python's batching server) also needs the packages
+# its script header lists.
 $(BENCH_VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(BENCH_VENV)
-	$(BENCH_VENV)/bin/pip install -q "llama-cpp-python[server]==$(LLAMA_CPP_PYTHON_VERSION)"
+	$(BENCH_VENV)/bin/python -m server.native.build ensure --backend $(BACKEND) --amx $(AMX)
+	$(BENCH_VENV)/bin/pip install -q "llama-cpp-python[server]==$(LLAMA_CPP_PYTHON_VERSION)" \
+	  openai safetensors websockets jinja2 numpy
 	touch $@
 
-bench: $(STAMP_TEST) $(BENCH_VENV)/.installed
+STAMP_BENCH := $(VENV)/.installed-bench
+$(STAMP_BENCH): $(STAMP_TEST)
+	$(BIN)/pip install -e '.[test,dev,bench]'
+	touch $@
+
+# Side by side with llama-server / llama-bench (built once from the same sdist and flags,
+# ~10 min on 2 cores), llama-cpp-python's example and stock servers. Never run in CI.
+bench: install $(STAMP_BENCH) $(BENCH_VENV)/.installed
 	$(BIN)/python -m tests.bench.run --peer-python $(BENCH_VENV)/bin/python $(BENCH_ARGS)
 
 clean:

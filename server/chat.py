@@ -25,6 +25,7 @@ from server.engine.base import (
 )
 from server.engine.worker import EngineBusy, EngineClosed, Generation
 from server.errors import (
+    APIError,
     ContextLengthExceededError,
     InternalServerError,
     InvalidRequestError,
@@ -41,6 +42,7 @@ from server.protocol import (
     CompletionUsage,
     Delta,
     ImagePart,
+    PromptTokensDetails,
     ResponseMessage,
     SystemMessage,
     TextPart,
@@ -187,6 +189,7 @@ class ChatService:
 
         Raises:
             InternalServerError: the engine failed mid-generation.
+            ModelUnavailableError: the KV cache filled up (``kv_cache_full``, retry).
         """
         parts: list[str] = []
         try:
@@ -206,6 +209,8 @@ class ChatService:
                         ],
                         usage=_usage(event),
                     )
+                elif isinstance(event, Failed):
+                    raise _failure(event, request_id)
             raise InternalServerError(request_id)
         finally:
             generation.cancel()
@@ -237,7 +242,7 @@ class ChatService:
                     if prepared.include_usage:
                         yield chunk(Delta(), usage=_usage(event))
                 elif isinstance(event, Failed):
-                    yield _sse_json(InternalServerError(request_id).envelope())
+                    yield _sse_json(_failure(event, request_id).envelope())
             yield "data: [DONE]\n\n"
         finally:
             generation.cancel()
@@ -252,7 +257,19 @@ def _usage(event: Finished) -> CompletionUsage:
         prompt_tokens=event.prompt_tokens,
         completion_tokens=event.completion_tokens,
         total_tokens=event.prompt_tokens + event.completion_tokens,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=event.cached_tokens),
     )
+
+
+def _failure(event: Failed, request_id: str) -> APIError:
+    """The error a failed generation answers with."""
+    if event.code == "kv_cache_full":
+        return ModelUnavailableError(
+            "The model's context memory is full with other requests; retry shortly.",
+            code="kv_cache_full",
+            retry_after_s=2,
+        )
+    return InternalServerError(request_id)
 
 
 def _reject_unsupported(body: ChatCompletionRequest) -> None:

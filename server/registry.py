@@ -127,6 +127,8 @@ class ModelRegistry:
         engine = LlamaEngine(
             path,
             n_ctx=entry.n_ctx,
+            n_parallel=entry.n_parallel,
+            swa_full=entry.swa_full,
             n_gpu_layers=entry.n_gpu_layers,
             n_threads=entry.n_threads,
             n_batch=entry.n_batch,

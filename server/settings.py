@@ -68,8 +68,10 @@ class ModelEntry(_Entry):
     """One served model.
 
     ``n_gpu_layers`` -1 offloads every layer on GPU builds (CUDA/Metal) and is ignored on
-    CPU builds. ``n_threads`` None uses every core. ``chat_template`` (inline Jinja) or
-    ``chat_template_file`` override the template embedded in the GGUF.
+    CPU builds. ``n_threads`` None uses every core. ``n_parallel`` requests decode
+    together in one context of ``n_ctx`` tokens shared by all of them.
+    ``chat_template`` (inline Jinja) or ``chat_template_file`` override the template
+    embedded in the GGUF.
     """
 
     id: Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:/-]+$")]
@@ -81,6 +83,10 @@ class ModelEntry(_Entry):
     n_gpu_layers: Annotated[int, Field(ge=-1)] = -1
     n_threads: Annotated[int, Field(ge=1, le=1024)] | None = None
     n_batch: Annotated[int, Field(ge=32, le=65_536)] = 512
+    # Sequences decoded together (continuous batching); they share n_ctx (unified KV).
+    n_parallel: Annotated[int, Field(ge=1, le=256)] = 4
+    # Keep the whole context in sliding-window layers so cached prefixes stay reusable.
+    swa_full: bool = True
     sampling: SamplingDefaults = SamplingDefaults()
 
     @model_validator(mode="after")
@@ -185,6 +191,8 @@ class ServerSettings(BaseSettings):
     template_timeout_s: Annotated[float, Field(gt=0)] = 2.0
     cors_allow_origins: list[str] = []
     log_level: str = "info"
+    # Generate a few tokens in a child process before serving (once per library build).
+    startup_check: bool = True
     # Images (vision models)
     max_images_per_request: Annotated[int, Field(ge=0)] = 8
     max_image_bytes: Annotated[int, Field(ge=1)] = 20_000_000

@@ -57,16 +57,21 @@ class TextDelta:
 
 @dataclass(frozen=True)
 class Finished:
-    """The last event of a generation."""
+    """The last event of a generation. ``cached_tokens``: prompt tokens served from the KV
+    cache (prefix reuse) rather than decoded."""
 
     finish_reason: FinishReason
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0
 
 
 @dataclass(frozen=True)
 class Failed:
-    """The generation broke inside the engine; details are in the server log only."""
+    """The generation broke inside the engine; details are in the server log only.
+    ``code`` names a cause the client may act on (``kv_cache_full``: retry later)."""
+
+    code: str | None = None
 
 
 GenerationEvent = TextDelta | Finished | Failed
@@ -98,9 +103,35 @@ class ModelInfo:
     vision: bool = False
 
 
+# Upper bounds of the latency histograms, seconds.
+LATENCY_BUCKETS_S = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+@dataclass
+class Histogram:
+    """Cumulative-bucket counts of observations (Prometheus layout), bounds in seconds."""
+
+    bounds: tuple[float, ...] = LATENCY_BUCKETS_S
+    counts: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS_S) + 1))
+    total: float = 0.0
+
+    def observe(self, value_s: float) -> None:
+        index = next((i for i, b in enumerate(self.bounds) if value_s <= b), len(self.bounds))
+        self.counts[index] += 1
+        self.total += value_s
+
+    def cumulative(self) -> list[tuple[str, int]]:
+        """(upper bound as text, observations at or below it), ending with ``+Inf``."""
+        out, running = [], 0
+        for bound, count in zip([*map(str, self.bounds), "+Inf"], self.counts, strict=True):
+            running += count
+            out.append((bound, running))
+        return out
+
+
 @dataclass
 class EngineStats:
-    """Counters since load, written only by the engine's worker thread (read anywhere)."""
+    """Counters since load, written by the engine's threads (read anywhere)."""
 
     requests_finished: int = 0
     requests_cancelled: int = 0
@@ -109,6 +140,9 @@ class EngineStats:
     generated_tokens: int = 0
     image_encodes: int = 0
     image_cache_hits: int = 0
+    # From submission to admission on a sequence, and to the first token.
+    queue_seconds: Histogram = field(default_factory=Histogram)
+    ttft_seconds: Histogram = field(default_factory=Histogram)
 
 
 class Engine(Protocol):

@@ -1,11 +1,13 @@
-"""Images in prompts through llama.cpp's mtmd: tokenize text + bitmaps into chunks, and
-evaluate those chunks on the model's context (on the engine's worker thread)."""
+"""Images in prompts through llama.cpp's mtmd: tokenize text + bitmaps into chunks, encode
+images (on the engine's encoder thread, cached), decode their rows for one sequence."""
 
 from __future__ import annotations
 
 import ctypes
 import weakref
 from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
 
 import llama_cpp
@@ -13,6 +15,7 @@ import numpy as np
 from llama_cpp import mtmd_cpp
 
 from server.engine.base import EngineStats, ModelLoadError
+from server.engine.sequence import ImagePiece, Piece
 from server.images import LoadedImage
 
 
@@ -63,7 +66,7 @@ class Mtmd:
     def __init__(
         self,
         mmproj: Path,
-        llama: llama_cpp.Llama,
+        model: llama_cpp.llama_model_p,
         *,
         n_threads: int,
         use_gpu: bool,
@@ -74,14 +77,14 @@ class Mtmd:
         params.n_threads = n_threads
         params.print_timings = False
         params.warmup = False
-        ctx = mtmd_cpp.mtmd_init_from_file(str(mmproj).encode(), llama._model.model, params)
+        ctx = mtmd_cpp.mtmd_init_from_file(str(mmproj).encode(), model, params)
         if not ctx or not mtmd_cpp.mtmd_support_vision(ctx):
             raise ModelLoadError("llama.cpp could not load the vision projector (mmproj)")
         self._ctx = ctx
         self.marker = mtmd_cpp.mtmd_default_marker().decode()
         self._cache = EmbeddingCache(cache_bytes)
         # Width of an image embedding row: n_embd_inp (Qwen3-VL's deepstack rows are wider).
-        self._n_embd = llama_cpp.llama_model_n_embd_inp(llama._model.model)
+        self._n_embd = llama_cpp.llama_model_n_embd_inp(model)
         self._finalizer = weakref.finalize(self, mtmd_cpp.mtmd_free, ctx)
 
     def close(self) -> None:
@@ -136,43 +139,67 @@ class Mtmd:
         tokens = mtmd_cpp.mtmd_input_chunk_get_tokens_text(chunk, ctypes.byref(count))
         return [int(tokens[i]) for i in range(count.value)]
 
-    def evaluate(self, prompt: MediaPrompt, llama: llama_cpp.Llama, stats: EngineStats) -> None:
-        """Decode every chunk from position 0 (worker thread only). Text goes through
-        ``Llama.eval`` (which keeps its token bookkeeping); an image is encoded unless its
-        embedding is cached, then decoded; its positions are recorded as -1 so later
-        prefix reuse stops before them.
-
-        Raises:
-            RuntimeError: llama.cpp failed to encode or decode an image chunk.
-        """
-        llama.n_tokens = 0
-        llama._ctx.kv_cache_seq_rm(-1, 0, -1)
+    def pieces(
+        self,
+        prompt: MediaPrompt,
+        encode: Callable[[mtmd_cpp.mtmd_input_chunk_p], Future[np.ndarray]],
+    ) -> list[Piece]:
+        """The prompt as token lists and images, in order; ``encode`` starts each image's
+        encoding (off the owner thread) and returns its future embedding."""
+        out: list[Piece] = []
         for index in range(mtmd_cpp.mtmd_input_chunks_size(prompt.chunks)):
             chunk = mtmd_cpp.mtmd_input_chunks_get(prompt.chunks, index)
             if self._is_text(chunk):
-                llama.eval(self.text_tokens(chunk))
-                continue
-            embedding = self._embedding(chunk, stats)
-            new_n_past = llama_cpp.llama_pos(0)
-            status = mtmd_cpp.mtmd_helper_decode_image_chunk(
-                self._ctx,
-                llama._ctx.ctx,
-                chunk,
-                embedding.ctypes.data_as(ctypes.POINTER(ctypes.c_float)),
-                llama.n_tokens,
-                0,
-                llama.n_batch,
-                ctypes.byref(new_n_past),
-                mtmd_cpp.mtmd_helper_post_decode_callback(),  # NULL: no callback
-                None,
-            )
-            if status != 0:
-                raise RuntimeError(f"mtmd could not decode an image chunk ({status})")
-            llama.input_ids[llama.n_tokens : new_n_past.value] = -1
-            llama.n_tokens = new_n_past.value
+                out.append(self.text_tokens(chunk))
+            else:
+                n_tokens = mtmd_cpp.mtmd_input_chunk_get_n_tokens(chunk)
+                out.append(ImagePiece(chunk, n_tokens, encode(chunk)))
+        return out
 
-    def _embedding(self, chunk: mtmd_cpp.mtmd_input_chunk_p, stats: EngineStats) -> np.ndarray:
-        """The image's embeddings (n_tokens × n_embd_inp float32), from the cache or encoded."""
+    def decode(
+        self,
+        piece: ImagePiece,
+        lctx: llama_cpp.llama_context_p,
+        seq_id: int,
+        n_past: int,
+        n_batch: int,
+    ) -> int:
+        """Decode an encoded image's rows for one sequence from position ``n_past``
+        (owner thread). mtmd's helper turns causal attention off for Gemma 3's
+        non-causal image rows and gives Qwen3-VL's rows their M-RoPE positions.
+
+        Returns:
+            The next position (after Qwen3-VL images it advances by ``n_pos``, not rows).
+
+        Raises:
+            RuntimeError: llama.cpp failed to decode the rows; the image's encoding error.
+        """
+        embedding = piece.embedding.result()
+        new_n_past = llama_cpp.llama_pos(0)
+        status = mtmd_cpp.mtmd_helper_decode_image_chunk(
+            self._ctx,
+            lctx,
+            piece.chunk,
+            embedding.ctypes.data_as(ctypes.POINTER(ctypes.c_float)),
+            n_past,
+            seq_id,
+            n_batch,
+            ctypes.byref(new_n_past),
+            mtmd_cpp.mtmd_helper_post_decode_callback(),  # NULL: no callback
+            None,
+        )
+        if status != 0:
+            raise RuntimeError(f"mtmd could not decode an image chunk ({status})")
+        return int(new_n_past.value)
+
+    def encode(self, chunk: mtmd_cpp.mtmd_input_chunk_p, stats: EngineStats) -> np.ndarray:
+        """The image's embeddings (n_tokens × n_embd_inp float32), from the cache or encoded.
+        Call from one thread only (the engine's encoder): mtmd's output buffer and the
+        cache are not shared.
+
+        Raises:
+            RuntimeError: mtmd failed to encode the image.
+        """
         key = mtmd_cpp.mtmd_input_chunk_get_id(chunk) or b""
         cached = self._cache.get(key) if key else None
         if cached is not None:

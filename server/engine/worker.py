@@ -1,20 +1,14 @@
-"""One owner thread per llama.cpp context, fed by a bounded FIFO queue, bridged to asyncio.
-
-A llama.cpp context is not thread-safe, so exactly one thread ever touches it. Requests
-wait their turn in FIFO order; a waiting request never interrupts the running one. The
-event loop only ever awaits an ``asyncio.Queue`` filled from the worker thread.
-"""
+"""The bridge between the engine's owner thread and asyncio: a :class:`Generation` per
+request, whose events the owner thread emits and the event loop awaits (never blocking)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
-import math
 import threading
 import time
-from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 from server.engine.base import Failed, Finished, GenerationEvent, GenerationRequest
 
@@ -46,6 +40,7 @@ class Generation:
         self._loop = loop
         self._events: asyncio.Queue[GenerationEvent] = asyncio.Queue()
         self._cancelled = threading.Event()
+        self.submitted_at = time.monotonic()
 
     @property
     def cancelled(self) -> bool:
@@ -69,80 +64,3 @@ class Generation:
             yield event
             if isinstance(event, (Finished, Failed)):
                 return
-
-
-class Worker:
-    """Runs jobs one at a time on its own thread.
-
-    Args:
-        run: Executes one job on the worker thread, emitting its events.
-        max_queued: Jobs allowed to wait behind the running one; more → :class:`EngineBusy`.
-        name: Thread name, for logs.
-    """
-
-    def __init__(self, run: Callable[[Generation], None], *, max_queued: int, name: str):
-        self._run = run
-        self._max_queued = max_queued
-        self._jobs: deque[Generation] = deque()
-        self._cond = threading.Condition()
-        self._busy = False
-        self._closed = False
-        self._mean_job_s = 5.0
-        self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
-        self._thread.start()
-
-    def submit(self, generation: Generation) -> None:
-        """Queue a job.
-
-        Raises:
-            EngineBusy: ``max_queued`` jobs are already waiting.
-            EngineClosed: the worker is shutting down.
-        """
-        with self._cond:
-            if self._closed:
-                raise EngineClosed()
-            waiting = sum(1 for job in self._jobs if not job.cancelled)
-            if self._busy and waiting >= self._max_queued:
-                raise EngineBusy(math.ceil(self._mean_job_s * (waiting + 1)))
-            self._jobs.append(generation)
-            self._cond.notify()
-
-    def depth(self) -> int:
-        """Jobs waiting plus the one running."""
-        with self._cond:
-            return len(self._jobs) + int(self._busy)
-
-    def close(self, timeout_s: float = 10.0) -> None:
-        """Cancel waiting jobs, let the running one see its cancellation, join the thread."""
-        with self._cond:
-            self._closed = True
-            for job in self._jobs:
-                job.cancel()
-                job.emit(Failed())
-            self._jobs.clear()
-            self._cond.notify_all()
-        self._thread.join(timeout_s)
-
-    def _next_job(self) -> Generation | None:
-        with self._cond:
-            while not self._jobs and not self._closed:
-                self._cond.wait()
-            if not self._jobs:
-                return None
-            self._busy = True
-            return self._jobs.popleft()
-
-    def _serve(self) -> None:
-        while (job := self._next_job()) is not None:
-            started = time.monotonic()
-            try:
-                if not job.cancelled:
-                    self._run(job)
-            except Exception:
-                log.exception("generation failed")
-                job.emit(Failed())
-            finally:
-                elapsed = time.monotonic() - started
-                with self._cond:
-                    self._busy = False
-                    self._mean_job_s = 0.8 * self._mean_job_s + 0.2 * elapsed

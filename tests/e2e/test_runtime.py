@@ -133,8 +133,10 @@ def test_health_answers_during_long_generation(server: RunningServer) -> None:
 def test_full_queue_answers_429_and_running_request_completes(
     server_factory: Callable[..., RunningServer], bundled_gguf: Path
 ) -> None:
+    # One sequence: the first request runs, the second waits, the third is refused.
     small = server_factory(
-        [model_entry(MODEL, bundled_gguf)], env={"GGUFSERVE_MAX_QUEUED_REQUESTS": "1"}
+        [model_entry(MODEL, bundled_gguf, n_parallel=1)],
+        env={"GGUFSERVE_MAX_QUEUED_REQUESTS": "1"},
     )
     body = {**LONG, "max_tokens": 200, "logit_bias": NO_EOG, "stream": True}
     quick = {**LONG, "max_tokens": 2}

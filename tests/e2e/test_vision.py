@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import threading
@@ -249,3 +250,35 @@ def test_images_of_any_size_become_the_models_image(
     text_only = ask(sdk, "What is in the image?", max_tokens=1).usage.prompt_tokens
     reply = ask(sdk, [image(data_uri(png(size=size))), TEXT], max_tokens=1)
     assert reply.usage.prompt_tokens - text_only == IMAGE_TOKENS + 3
+
+
+def check_parallel_equals_solo(base_v1: str, model: str, **extra: Any) -> None:
+    """Three image requests (two sharing an image) and two text requests, sent at once,
+    give exactly the greedy answers each gives alone."""
+    noise = [data_uri(png(size=(96, 64))) for _ in range(2)]  # random: two different images
+    contents: list[Any] = [[image(noise[i]), TEXT] for i in (0, 1, 0)]
+    contents += ["Tell me a story.", "Count to ten."]
+
+    async def one(client: openai.AsyncOpenAI, content: Any) -> tuple[str, int]:
+        reply = await client.chat.completions.create(
+            model=model,
+            messages=[{"role": "user", "content": content}],
+            max_tokens=10,
+            temperature=0,
+            **{"logit_bias": NO_EOG, **extra},
+        )
+        return reply.choices[0].message.content or "", reply.usage.prompt_tokens  # type: ignore[union-attr]
+
+    async def run() -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
+        async with openai.AsyncOpenAI(base_url=base_v1, api_key="unused", max_retries=0) as c:
+            solo = [await one(c, content) for content in contents]
+            together = await asyncio.gather(*(one(c, content) for content in contents))
+        return solo, list(together)
+
+    solo, together = asyncio.run(run())
+    assert together == solo
+    assert solo[0] == solo[2] and solo[0] != solo[1]
+
+
+def test_image_and_text_requests_in_parallel_equal_solo(vision_server: RunningServer) -> None:
+    check_parallel_equals_solo(vision_server.v1, MODEL)

@@ -14,7 +14,14 @@ import pytest
 from converters.convert import convert
 from tests.conftest import RunningServer
 from tests.converters.test_qwen3vl_checkpoints import QWEN_NO_EOG
-from tests.e2e.test_vision import TEXT, check_repeat_is_cached, data_uri, image, png
+from tests.e2e.test_vision import (
+    TEXT,
+    check_parallel_equals_solo,
+    check_repeat_is_cached,
+    data_uri,
+    image,
+    png,
+)
 
 VARIANTS = ["dense", "moe"]
 
@@ -137,3 +144,10 @@ def test_repeated_image_comes_from_the_embedding_cache(
 ) -> None:
     # 512×512 → 256 image tokens, each 3 × 64 wide (main + 2 deepstack rows).
     check_repeat_is_cached(qwen_server, sdk, f"qwen-{variant}", (512, 512), logit_bias=QWEN_NO_EOG)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_image_and_text_requests_in_parallel_equal_solo(
+    qwen_server: RunningServer, variant: str
+) -> None:
+    check_parallel_equals_solo(qwen_server.v1, f"qwen-{variant}", logit_bias=QWEN_NO_EOG)

@@ -1,0 +1,412 @@
+"""Continuous batching on one llama.cpp context: the owner thread and its scheduler step.
+
+One thread owns the context (llama.cpp contexts are not thread-safe). Each step:
+
+1. admits waiting generations (FIFO) to free sequences, reusing the longest cached
+   prefix of any sequence (an idle one in place, a busy one through ``seq_cp``);
+2. decodes images whose embeddings are ready, one sequence at a time (embedding rows
+   never share a ``llama_decode`` with token rows);
+3. builds one batch: one token for every generating sequence, then prompt chunks of the
+   sequences still prefilling, oldest first, within ``n_batch`` (at most
+   ``prefill_chunk`` prompt tokens while any sequence generates, so a long prompt
+   cannot freeze running streams); a prompt's last token is decoded in a later step
+   than the rest, so its logits do not depend on how much of the prompt was cached;
+4. runs one ``llama_decode``, then samples each sequence's output row with its own chain.
+
+A ``llama_decode`` that finds no free KV cells first drops idle sequences' caches, then
+fails the youngest generation in the batch (``kv_cache_full``) and retries without it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import llama_cpp
+from llama_cpp import _internals
+
+from server.engine.base import EngineStats, Failed, Finished, FinishReason, TextDelta
+from server.engine.sequence import IMAGE_ROW, ImagePiece, Running, Slot, common_prefix
+from server.engine.worker import EngineBusy, EngineClosed, Generation
+
+log = logging.getLogger(__name__)
+
+KV_FULL = 1  # llama_decode: no KV cells for the batch (llama.h)
+
+
+@dataclass(frozen=True)
+class ContextLimits:
+    """Shape of the serving context.
+
+    Attributes:
+        n_parallel: Sequences decoded together (``seq_id`` 0 .. n_parallel-1).
+        n_batch: Most rows in one ``llama_decode``.
+        prefill_chunk: Most prompt rows per step while any sequence is generating.
+        n_swa: Sliding-window size (0: none); with ``swa_full`` False, prefix reuse
+            checks the window is still cached (llama.cpp server.cpp's ``pos_min`` check).
+        swa_full: The SWA layers keep the whole context (reuse always possible).
+    """
+
+    n_parallel: int
+    n_batch: int
+    prefill_chunk: int
+    n_swa: int
+    swa_full: bool
+
+
+class Scheduler:
+    """Owns the context's thread, its waiting queue and its sequences.
+
+    Args:
+        ctx: The llama.cpp context (``n_seq_max`` ≥ ``limits.n_parallel``, unified KV).
+        limits: See :class:`ContextLimits`.
+        start: Builds a :class:`Running` for a generation (prompt pieces, sampler...).
+        piece: Token id → bytes (special tokens as nothing).
+        is_eog: Whether a token ends generation.
+        decode_image: Decodes an image's embedding rows for one sequence at a position;
+            returns the next position.
+        stats: Counters to update.
+        max_queued: Generations allowed to wait for a sequence; more → EngineBusy.
+        name: Thread name, for logs.
+    """
+
+    def __init__(
+        self,
+        ctx: _internals.LlamaContext,
+        limits: ContextLimits,
+        *,
+        start: Callable[[Generation], Running],
+        piece: Callable[[int], bytes],
+        is_eog: Callable[[int], bool],
+        decode_image: Callable[[ImagePiece, int, int], int],
+        stats: EngineStats,
+        max_queued: int,
+        name: str,
+    ):
+        self._ctx = ctx
+        self._memory = llama_cpp.llama_get_memory(ctx.ctx)
+        self._limits = limits
+        self._start = start
+        self._piece = piece
+        self._is_eog = is_eog
+        self._decode_image = decode_image
+        self.stats = stats
+        self._max_queued = max_queued
+        self._slots = [Slot(seq_id) for seq_id in range(limits.n_parallel)]
+        self._waiting: deque[Generation] = deque()
+        self._cond = threading.Condition()
+        self._closed = False
+        self._mean_job_s = 5.0
+        self._batch = _internals.LlamaBatch(
+            n_tokens=limits.n_batch, embd=0, n_seq_max=limits.n_parallel, verbose=False
+        )
+        self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
+        self._thread.start()
+
+    # ---- any thread ------------------------------------------------------------------
+
+    def submit(self, generation: Generation) -> None:
+        """Queue a generation (FIFO).
+
+        Raises:
+            EngineBusy: every sequence is busy and ``max_queued`` generations wait.
+            EngineClosed: the engine is shutting down.
+        """
+        with self._cond:
+            if self._closed:
+                raise EngineClosed()
+            waiting = sum(1 for g in self._waiting if not g.cancelled)
+            free = sum(1 for s in self._slots if s.running is None) - waiting
+            if free <= 0 and waiting >= self._max_queued:
+                per_slot = self._mean_job_s / self._limits.n_parallel
+                raise EngineBusy(max(1, math.ceil(per_slot * (waiting + 1))))
+            generation.submitted_at = time.monotonic()
+            self._waiting.append(generation)
+            self._cond.notify()
+
+    def counts(self) -> tuple[int, int]:
+        """(running, waiting) generations."""
+        with self._cond:
+            return sum(1 for s in self._slots if s.running), len(self._waiting)
+
+    def kv_tokens(self) -> int:
+        """KV cells the sequences' caches hold (cells shared by several count once each)."""
+        return sum(len(slot.cached) for slot in self._slots)
+
+    def close(self, drain_s: float = 30.0) -> None:
+        """Refuse new work, fail the waiting, let running generations finish (up to
+        ``drain_s``), then cancel what is left and join the thread."""
+        with self._cond:
+            self._closed = True
+            for generation in self._waiting:
+                generation.emit(Failed())
+            self._waiting.clear()
+            self._cond.notify_all()
+        self._thread.join(drain_s)
+        with self._cond:
+            for slot in self._slots:
+                if slot.running is not None:
+                    slot.running.generation.emit(Failed())
+                    slot.running.generation.cancel()
+        self._thread.join(10)
+        self._batch.close()
+
+    # ---- owner thread ----------------------------------------------------------------
+
+    def _serve(self) -> None:
+        while self._wait_for_work():
+            try:
+                self._step()
+            except Exception:
+                log.exception("scheduler step failed; failing the running generations")
+                for slot in self._slots:
+                    if slot.running is not None:
+                        self._fail(slot, Failed())
+
+    def _wait_for_work(self) -> bool:
+        with self._cond:
+            while not self._closed and not self._waiting and not self._active():
+                self._cond.wait()
+            return bool(self._active() or self._waiting or not self._closed)
+
+    def _active(self) -> list[Slot]:
+        """Busy slots, oldest admission first."""
+        busy = [s for s in self._slots if s.running is not None]
+        return sorted(busy, key=lambda s: s.running.admitted_at)  # type: ignore[union-attr]
+
+    def _step(self) -> None:
+        self._drop_cancelled()
+        self._admit()
+        for slot in self._active():
+            self._decode_ready_image(slot)
+        rows = self._fill_batch()
+        if not rows:
+            # Only images still encoding: wait briefly rather than spin.
+            time.sleep(0.002)
+            return
+        while (status := llama_cpp.llama_decode(self._ctx.ctx, self._batch.batch)) != 0:
+            if status != KV_FULL or not self._make_room(rows):
+                for slot in {id(s): s for s, _, _ in rows}.values():
+                    log.error("llama_decode returned %d for sequence %d", status, slot.seq_id)
+                    self._fail(slot, Failed())
+                return
+            rows = self._fill_batch()
+            if not rows:
+                return
+        self._after_decode(rows)
+
+    def _drop_cancelled(self) -> None:
+        for slot in self._active():
+            assert slot.running is not None
+            if slot.running.generation.cancelled:
+                self.stats.requests_cancelled += 1
+                self._release(slot)
+
+    def _admit(self) -> None:
+        with self._cond:
+            while self._waiting:
+                free = [s for s in self._slots if s.running is None]
+                head = self._waiting[0]
+                if head.cancelled:
+                    self._waiting.popleft()
+                    continue
+                if not free or self._closed:
+                    return
+                self._waiting.popleft()
+                self._assign(head, free)
+
+    def _assign(self, generation: Generation, free: list[Slot]) -> None:
+        """Put a generation on a free sequence, reusing the longest cached prefix."""
+        running = self._start(generation)
+        head = running.pieces[0] if running.pieces else []
+        prompt = head if isinstance(head, list) else []
+        # At least one prompt token is decoded again, for fresh logits.
+        limit = len(prompt) - (1 if len(running.pieces) == 1 else 0)
+        source, keep = None, 0
+        for slot in self._slots:
+            n = min(common_prefix(slot.cached, prompt), limit)
+            if n > keep or (n == keep and n > 0 and slot in free and source not in free):
+                source, keep = slot, n
+        if source is not None and not self._window_cached(source, keep):
+            source, keep = None, 0
+        if source is not None and source in free:
+            target = source
+            if not llama_cpp.llama_memory_seq_rm(self._memory, target.seq_id, keep, -1):
+                keep = 0
+                llama_cpp.llama_memory_seq_rm(self._memory, target.seq_id, 0, -1)
+        else:
+            target = min(free, key=lambda s: (len(s.cached) > 0, s.last_used))
+            llama_cpp.llama_memory_seq_rm(self._memory, target.seq_id, 0, -1)
+            if source is not None and keep > 0:
+                llama_cpp.llama_memory_seq_cp(self._memory, source.seq_id, target.seq_id, 0, keep)
+        target.cached = prompt[:keep]
+        target.n_past = keep
+        if keep and keep == len(prompt):
+            running.pieces.popleft()  # the whole text before the first image is cached
+        elif keep:
+            running.pieces[0] = prompt[keep:]
+        running.n_cached = keep
+        running.admitted_at = time.monotonic()
+        self.stats.prompt_tokens += running.n_prompt
+        self.stats.prompt_tokens_reused += keep
+        self.stats.queue_seconds.observe(running.admitted_at - running.submitted_at)
+        target.running = running
+
+    def _window_cached(self, source: Slot, keep: int) -> bool:
+        limits = self._limits
+        if keep == 0 or limits.n_swa == 0 or limits.swa_full:
+            return True
+        pos_min = llama_cpp.llama_memory_seq_pos_min(self._memory, source.seq_id)
+        return pos_min <= max(0, keep - limits.n_swa)
+
+    def _decode_ready_image(self, slot: Slot) -> None:
+        running = slot.running
+        assert running is not None
+        if running.next_token is not None or not running.pieces:
+            return
+        head = running.pieces[0]
+        if not isinstance(head, ImagePiece) or not head.embedding.done():
+            return
+        running.pieces.popleft()
+        try:
+            slot.n_past = self._decode_image(head, slot.seq_id, slot.n_past)
+        except Exception:
+            log.exception("image decode failed for sequence %d", slot.seq_id)
+            self._fail(slot, Failed())
+            return
+        slot.cached.extend([IMAGE_ROW] * head.n_tokens)
+        if not running.pieces:  # no text after the image: nothing would give logits
+            self._fail(slot, Failed())
+
+    def _fill_batch(self) -> list[tuple[Slot, int, bool]]:
+        """Fill the batch; returns (slot, rows added, has output row) per sequence in it."""
+        batch = self._batch.batch
+        batch.n_tokens = 0
+        rows: list[tuple[Slot, int, bool]] = []
+
+        def add(slot: Slot, tokens: list[int], output: bool) -> None:
+            for i, token in enumerate(tokens):
+                j = batch.n_tokens
+                batch.token[j] = token
+                batch.pos[j] = slot.n_past + i
+                batch.n_seq_id[j] = 1
+                batch.seq_id[j][0] = slot.seq_id
+                batch.logits[j] = output and i == len(tokens) - 1
+                batch.n_tokens += 1
+            rows.append((slot, len(tokens), output))
+
+        active = self._active()
+        for slot in active:
+            running = slot.running
+            assert running is not None
+            if running.next_token is not None:
+                add(slot, [running.next_token], True)
+        budget = self._limits.n_batch - batch.n_tokens
+        if rows:
+            budget = min(budget, self._limits.prefill_chunk)
+        for slot in active:
+            running = slot.running
+            assert running is not None
+            if budget <= 0 or running.next_token is not None or not running.pieces:
+                continue
+            head = running.pieces[0]
+            if not isinstance(head, list):
+                continue
+            take = head[:budget]
+            last = len(take) == len(head) and len(running.pieces) == 1
+            if last and len(take) > 1:
+                # The prompt's last token gets a step of its own: its logits (and so a
+                # seeded sample) are then the same whether the prefix came from the cache.
+                take, last = take[:-1], False
+            add(slot, take, last)
+            budget -= len(take)
+        return rows
+
+    def _make_room(self, rows: list[tuple[Slot, int, bool]]) -> bool:
+        """After a KV-full decode: drop idle caches, else fail the youngest generation in
+        the batch. False when there is nothing left to give up."""
+        idle = [s for s in self._slots if s.running is None and s.cached]
+        if idle:
+            for slot in idle:
+                llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, 0, -1)
+                slot.forget()
+            return True
+        in_batch = [slot for slot, _, _ in rows]
+        victim = max(in_batch, key=lambda s: s.running.admitted_at)  # type: ignore[union-attr]
+        log.warning("KV cache full: failing the generation on sequence %d", victim.seq_id)
+        self._fail(victim, Failed(code="kv_cache_full"))
+        return len(in_batch) > 1
+
+    def _after_decode(self, rows: list[tuple[Slot, int, bool]]) -> None:
+        index = 0
+        for slot, n_rows, output in rows:
+            running = slot.running
+            assert running is not None
+            batch = self._batch.batch
+            slot.cached.extend(batch.token[index + i] for i in range(n_rows))
+            slot.n_past += n_rows
+            index += n_rows
+            if running.next_token is None:
+                head = running.pieces[0]
+                assert isinstance(head, list)
+                del head[:n_rows]
+                if not head:
+                    running.pieces.popleft()
+            if output:
+                self._accept(slot, running.sampler.sample(self._ctx, index - 1))
+
+    def _accept(self, slot: Slot, token: int) -> None:
+        running = slot.running
+        assert running is not None
+        if running.first_token_at is None:
+            running.first_token_at = time.monotonic()
+            self.stats.ttft_seconds.observe(running.first_token_at - running.submitted_at)
+        if self._is_eog(token):
+            self._finish(slot, "stop")
+            return
+        running.completion_tokens += 1
+        self.stats.generated_tokens += 1
+        text, stopped = running.scanner.feed(self._piece(token))
+        if text:
+            running.generation.emit(TextDelta(text))
+        if stopped:
+            self._finish(slot, "stop", flush=False)
+        elif running.completion_tokens >= running.max_tokens:
+            self._finish(slot, "length")
+        else:
+            running.next_token = token
+
+    def _finish(self, slot: Slot, reason: FinishReason, *, flush: bool = True) -> None:
+        running = slot.running
+        assert running is not None
+        tail = running.scanner.flush() if flush else ""
+        if tail:
+            running.generation.emit(TextDelta(tail))
+        self.stats.requests_finished += 1
+        running.generation.emit(
+            Finished(reason, running.n_prompt, running.completion_tokens, running.n_cached)
+        )
+        self._mean_job_s = 0.8 * self._mean_job_s + 0.2 * (time.monotonic() - running.admitted_at)
+        self._release(slot)
+
+    def _fail(self, slot: Slot, event: Failed) -> None:
+        assert slot.running is not None
+        slot.running.generation.emit(event)
+        llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, 0, -1)
+        slot.forget()
+        self._release(slot)
+
+    def _release(self, slot: Slot) -> None:
+        """Free the sequence, keeping its cache for prefix reuse."""
+        assert slot.running is not None
+        slot.running.sampler.close()
+        slot.running = None
+        slot.last_used = time.monotonic()
+        # A cached prefix ending in image rows is kept: comparison stops at IMAGE_ROW.
+        with self._cond:
+            self._cond.notify_all()

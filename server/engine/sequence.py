@@ -1,0 +1,101 @@
+"""The state of one llama.cpp sequence (``seq_id``) and of the generation running on it."""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from llama_cpp import _internals
+
+from server.engine.text import StopScanner
+from server.engine.worker import Generation
+
+# Stands in the cached-token list for a row that holds an image embedding: never equal to
+# a prompt token, so prefix reuse stops before any image.
+IMAGE_ROW = -1
+
+
+@dataclass
+class ImagePiece:
+    """An mtmd image chunk of a prompt, and its embedding once encoded (off the owner
+    thread): ``embedding`` resolves to an (n_tokens × n_embd_inp) float32 array."""
+
+    chunk: Any
+    n_tokens: int
+    embedding: Future[np.ndarray]
+
+
+Piece = list[int] | ImagePiece
+
+
+@dataclass
+class Running:
+    """A generation admitted to a sequence.
+
+    Attributes:
+        generation: The handle events go to.
+        pieces: Prompt left to decode: token lists (split into chunks by the scheduler)
+            and images (each decoded alone).
+        n_prompt: Prompt size in KV cells (text tokens + image tokens).
+        n_cached: Prompt cells reused from the KV cache (not decoded again).
+        next_token: The last sampled token, decoded in the next step; None while the
+            prompt is still being decoded.
+    """
+
+    generation: Generation
+    pieces: deque[Piece]
+    sampler: _internals.LlamaSampler
+    scanner: StopScanner
+    n_prompt: int
+    n_cached: int
+    submitted_at: float
+    admitted_at: float = field(default_factory=time.monotonic)
+    next_token: int | None = None
+    completion_tokens: int = 0
+    first_token_at: float | None = None
+    # Keeps mtmd's chunks (and so the ImagePiece pointers) alive while decoding.
+    media: Any = None
+
+    @property
+    def max_tokens(self) -> int:
+        return self.generation.request.max_tokens
+
+
+@dataclass
+class Slot:
+    """One ``seq_id`` of the context and what its KV cells hold.
+
+    Attributes:
+        cached: Token ids in the KV cache for this sequence, in position order
+            (``IMAGE_ROW`` for image rows); what prefix reuse compares against.
+        n_past: Next position. Equals ``len(cached)`` except after a Qwen3-VL image,
+            whose M-RoPE positions advance by the image's ``n_pos``, not its rows.
+        running: The generation on it, or None when idle (its cache kept for reuse).
+        last_used: When it last finished (monotonic seconds), for picking which idle
+            cache to drop first.
+    """
+
+    seq_id: int
+    cached: list[int] = field(default_factory=list)
+    n_past: int = 0
+    running: Running | None = None
+    last_used: float = 0.0
+
+    def forget(self, keep: int = 0) -> None:
+        """Bookkeeping for dropping the cells at positions >= ``keep`` (text-only prefix)."""
+        del self.cached[keep:]
+        self.n_past = keep
+
+
+def common_prefix(cached: list[int], prompt: list[int]) -> int:
+    """Length of the shared leading run of ``cached`` and ``prompt``."""
+    n = 0
+    for a, b in zip(cached, prompt, strict=False):
+        if a != b:
+            break
+        n += 1
+    return n

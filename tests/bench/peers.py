@@ -1,0 +1,132 @@
+"""The benchmark's peers, all from the same llama-cpp-python sdist as our build:
+
+- ``llama-server`` and ``llama-bench``, built with CMake from the sdist's vendored
+  llama.cpp with our build's flags (``server.native.plan``), cached per build key under
+  ``~/.cache/ggufserve/bench/`` (about 10 minutes on 2 cores the first time);
+- ``examples/server/server.py``, llama-cpp-python's own continuous-batching server, run
+  with the bench venv's Python (it needs FastAPI, which our environment does not carry).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import tarfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+
+from server.native import wheels
+from server.native.plan import make_plan
+
+TOOLS = ("llama-server", "llama-bench")
+
+
+def _sdist_dir(python: str) -> Path:
+    root = wheels.cache_root()
+    tarball = wheels.sdist(python, root)
+    target = root.parent / "bench" / tarball.name.removesuffix(".tar.gz")
+    if not target.exists():
+        with tarfile.open(tarball) as archive:
+            archive.extractall(target.parent, filter="data")
+    return target
+
+
+def llama_cpp_tools(python: str) -> tuple[Path, Path]:
+    """(bin folder with llama-server and llama-bench, sdist folder), built once per key."""
+    plan = make_plan(
+        "cpu",
+        os.environ.get("CMAKE_ARGS"),
+        "auto",
+        crashed_before=lambda isa: wheels.amx_crashed_before(isa, wheels.cache_root()),
+    )
+    source = _sdist_dir(python)
+    build = wheels.cache_root().parent / "bench" / f"llama.cpp-{plan.key}"
+    binaries = build / "bin"
+    if not all((binaries / tool).exists() for tool in TOOLS):
+        import shlex
+
+        configure = ["cmake", "-S", str(source / "vendor" / "llama.cpp"), "-B", str(build)]
+        configure += ["-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_OPENSSL=OFF"]
+        configure += ["-DLLAMA_BUILD_TESTS=OFF", *shlex.split(plan.cmake_args)]
+        subprocess.run(configure, check=True)
+        jobs = str(os.cpu_count() or 1)
+        subprocess.run(["cmake", "--build", str(build), "--target", *TOOLS, "-j", jobs], check=True)
+    return binaries, source
+
+
+def llama_bench_tg(binaries: Path, model: Path, threads: int, n_tokens: int) -> float:
+    """llama-bench's text-generation tok/s (the single-stream limit), mean of 5 runs."""
+    done = subprocess.run(
+        [str(binaries / "llama-bench"), "-m", str(model), "-p", "0", "-n", str(n_tokens),
+         "-t", str(threads), "-r", "5", "-o", "json"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    return float(json.loads(done.stdout)[0]["avg_ts"])
+
+
+def wait_ready(base_url: str, path: str, process: subprocess.Popen[bytes], log: Path) -> None:
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{log.name}: server exited: {log.read_text()[-2000:]}")
+        try:
+            if httpx.get(f"{base_url}{path}", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.3)
+    raise RuntimeError(f"{log.name}: not ready in 180 s")
+
+
+def spawn(args: list[str], log: Path, ready_path: str, port: int) -> tuple[str, Callable[[], None]]:
+    """Start a server process; (base URL, stop function) once ``ready_path`` answers 200."""
+    with log.open("wb") as out:
+        process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
+    base_url = f"http://127.0.0.1:{port}"
+    wait_ready(base_url, ready_path, process, log)
+
+    def stop() -> None:
+        process.terminate()
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+    return base_url, stop
+
+
+def llama_server_args(
+    binaries: Path, model: Path, threads: int, n_ctx: int, n_parallel: int, port: int
+) -> list[str]:
+    """llama-server with the same threads, context and sequences as ours (unified KV)."""
+    return [
+        str(binaries / "llama-server"), "-m", str(model), "--host", "127.0.0.1",
+        "--port", str(port), "-c", str(n_ctx), "-np", str(n_parallel), "--kv-unified",
+        "-t", str(threads), "-tb", str(threads), "--no-webui",
+    ]  # fmt: skip
+
+
+def example_server_config(
+    model: Path, threads: int, n_ctx: int, n_parallel: int, port: int, template: str
+) -> dict[str, object]:
+    """llama-cpp-python's examples/server/server.py config (its -C file)."""
+    return {
+        "server": {"host": "127.0.0.1", "port": port},
+        "model": {
+            "path": str(model),
+            "alias": "bench",
+            "n_ctx": n_ctx,
+            "n_seq_max": n_parallel,
+            "n_batch": 512,
+            "n_ubatch": 512,
+            "threads": threads,
+            "threads_batch": threads,
+            "kv_unified": True,
+            # The bundled GGUF carries no template: give it ours for Gemma 3.
+            "chat_template": template,
+        },
+    }
