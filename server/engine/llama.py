@@ -184,7 +184,8 @@ class LlamaEngine:
         }
 
     def close(self) -> None:
-        self._scheduler.close()
+        if not self._scheduler.close():
+            return  # its thread may still touch the context: leak it rather than crash
         self._encoder.shutdown(wait=True, cancel_futures=True)
         if self._mtmd is not None:
             self._mtmd.close()

@@ -150,7 +150,8 @@ class Mtmd:
         for index in range(mtmd_cpp.mtmd_input_chunks_size(prompt.chunks)):
             chunk = mtmd_cpp.mtmd_input_chunks_get(prompt.chunks, index)
             if self._is_text(chunk):
-                out.append(self.text_tokens(chunk))
+                if tokens := self.text_tokens(chunk):
+                    out.append(tokens)
             else:
                 n_tokens = mtmd_cpp.mtmd_input_chunk_get_n_tokens(chunk)
                 out.append(ImagePiece(chunk, n_tokens, encode(chunk)))

@@ -138,9 +138,10 @@ class Scheduler:
         """KV cells the sequences' caches hold (cells shared by several count once each)."""
         return sum(len(slot.cached) for slot in self._slots)
 
-    def close(self, drain_s: float = 30.0) -> None:
+    def close(self, drain_s: float = 30.0) -> bool:
         """Refuse new work, fail the waiting, let running generations finish (up to
-        ``drain_s``), then cancel what is left and join the thread."""
+        ``drain_s``), then cancel what is left and join the thread. Returns whether the
+        thread stopped (only then may the context be freed)."""
         with self._cond:
             self._closed = True
             for generation in self._waiting:
@@ -154,7 +155,11 @@ class Scheduler:
                     slot.running.generation.emit(Failed())
                     slot.running.generation.cancel()
         self._thread.join(10)
+        if self._thread.is_alive():
+            log.error("the scheduler thread did not stop; its context is not freed")
+            return False
         self._batch.close()
+        return True
 
     # ---- owner thread ----------------------------------------------------------------
 
@@ -190,14 +195,16 @@ class Scheduler:
             time.sleep(0.002)
             return
         while (status := llama_cpp.llama_decode(self._ctx.ctx, self._batch.batch)) != 0:
-            if status != KV_FULL or not self._make_room(rows):
-                for slot in {id(s): s for s, _, _ in rows}.values():
+            if status == KV_FULL and self._make_room(rows):
+                rows = self._fill_batch()
+                if not rows:
+                    return
+                continue
+            for slot, _, _ in rows:
+                if slot.running is not None:
                     log.error("llama_decode returned %d for sequence %d", status, slot.seq_id)
-                    self._fail(slot, Failed())
-                return
-            rows = self._fill_batch()
-            if not rows:
-                return
+                    self._fail(slot, Failed(code="kv_cache_full" if status == KV_FULL else None))
+            return
         self._after_decode(rows)
 
     def _drop_cancelled(self) -> None:
@@ -317,6 +324,9 @@ class Scheduler:
             head = running.pieces[0]
             if not isinstance(head, list):
                 continue
+            if not head:  # an empty text chunk between two images
+                running.pieces.popleft()
+                continue
             take = head[:budget]
             last = len(take) == len(head) and len(running.pieces) == 1
             if last and len(take) > 1:
@@ -340,7 +350,7 @@ class Scheduler:
         victim = max(in_batch, key=lambda s: s.running.admitted_at)  # type: ignore[union-attr]
         log.warning("KV cache full: failing the generation on sequence %d", victim.seq_id)
         self._fail(victim, Failed(code="kv_cache_full"))
-        return len(in_batch) > 1
+        return any(slot.running is not None for slot in in_batch)
 
     def _after_decode(self, rows: list[tuple[Slot, int, bool]]) -> None:
         index = 0
