@@ -361,6 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_latency:
         text += "\n\n" + latency.report(
             latency.prefill_stall(args.model, args.threads, tmp),
+            latency.image_stall(tmp),
             latency.two_models(args.model, args.threads, tmp),
         )
     print(text)
