@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from functools import partial
+from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
@@ -15,7 +17,8 @@ from prometheus_client.registry import Collector
 from starlette.requests import Request
 from starlette.responses import Response
 
-from server.registry import ModelRegistry, ServedModel
+from server.engine.llama import LlamaEngine
+from server.registry import ModelRegistry
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -55,6 +58,19 @@ HISTOGRAMS = (
 )
 
 
+def _counter(field: str, engine: LlamaEngine) -> tuple[Any, ...]:
+    return (getattr(engine.stats, field),)
+
+
+def _gauge(key: str, engine: LlamaEngine) -> tuple[Any, ...]:
+    return (engine.load()[key],)
+
+
+def _histogram(field: str, engine: LlamaEngine) -> tuple[Any, ...]:
+    histogram = getattr(engine.stats, field)
+    return (histogram.cumulative(), histogram.total)
+
+
 class EngineCollector(Collector):
     """Reads the counters of every loaded model's engine when scraped."""
 
@@ -62,41 +78,32 @@ class EngineCollector(Collector):
         self._models = models
 
     def collect(self) -> Iterator[Metric]:
-        loaded = [m for m in self._models.models() if m.engine is not None]
+        engines = [(m.id, m.engine) for m in self._models.models() if m.engine is not None]
+
+        def per_model(family: Any, value: Callable[[LlamaEngine], tuple[Any, ...]]) -> Metric:
+            for model_id, engine in engines:
+                family.add_metric([model_id], *value(engine))
+            return family
+
+        label = ["model"]
         for name, text, field in COUNTERS:
-            family = CounterMetricFamily(name, text, labels=["model"])
-            for served in loaded:
-                assert served.engine is not None
-                family.add_metric([served.id], getattr(served.engine.stats, field))
-            yield family
-        depth = GaugeMetricFamily(
-            "ggufserve_queue_depth", "Requests running or waiting.", labels=["model"]
+            yield per_model(
+                CounterMetricFamily(name, text, labels=label),
+                partial(_counter, field),
+            )
+        yield per_model(
+            GaugeMetricFamily(
+                "ggufserve_queue_depth", "Requests running or waiting.", labels=label
+            ),
+            lambda e: (e.queue_depth(),),
         )
-        for served in loaded:
-            assert served.engine is not None
-            depth.add_metric([served.id], served.engine.queue_depth())
-        yield depth
-        yield from self._load(loaded)
-        yield from self._latencies(loaded)
-
-    @staticmethod
-    def _load(loaded: list[ServedModel]) -> Iterator[Metric]:
         for name, text, key in GAUGES:
-            family = GaugeMetricFamily(name, text, labels=["model"])
-            for served in loaded:
-                assert served.engine is not None
-                family.add_metric([served.id], served.engine.load()[key])
-            yield family
-
-    @staticmethod
-    def _latencies(loaded: list[ServedModel]) -> Iterator[Metric]:
+            yield per_model(GaugeMetricFamily(name, text, labels=label), partial(_gauge, key))
         for name, text, field in HISTOGRAMS:
-            family = HistogramMetricFamily(name, text, labels=["model"])
-            for served in loaded:
-                assert served.engine is not None
-                histogram = getattr(served.engine.stats, field)
-                family.add_metric([served.id], histogram.cumulative(), histogram.total)
-            yield family
+            yield per_model(
+                HistogramMetricFamily(name, text, labels=label),
+                partial(_histogram, field),
+            )
 
 
 def metrics_registry(models: ModelRegistry) -> CollectorRegistry:
