@@ -32,7 +32,7 @@ class ImagePiece:
 Piece = list[int] | ImagePiece
 
 
-@dataclass
+@dataclass(eq=False)
 class Running:
     """A generation admitted to a sequence.
 
@@ -65,7 +65,7 @@ class Running:
         return self.generation.request.max_tokens
 
 
-@dataclass
+@dataclass(eq=False)  # identity: `slot in free` must not compare whole caches
 class Slot:
     """One ``seq_id`` of the context and what its KV cells hold.
 

@@ -28,7 +28,7 @@ class EngineClosed(Exception):
 
 
 class Generation:
-    """Handle on one submitted job: the worker emits events, the event loop iterates them.
+    """Handle on one submitted job: the owner thread emits events, the event loop iterates them.
 
     Args:
         request: What to generate.
@@ -44,15 +44,15 @@ class Generation:
 
     @property
     def cancelled(self) -> bool:
-        """True once the consumer has gone away; the worker stops at the next token."""
+        """True once the consumer has gone away; generation stops at the next step."""
         return self._cancelled.is_set()
 
     def cancel(self) -> None:
-        """Ask the worker to stop (or to skip the job if it has not started)."""
+        """Ask the owner thread to stop (or to skip the job if it has not started)."""
         self._cancelled.set()
 
     def emit(self, event: GenerationEvent) -> None:
-        """Called from the worker thread."""
+        """Called from the engine's owner thread."""
         # The loop may be closed during shutdown; the consumer is gone then anyway.
         with contextlib.suppress(RuntimeError):
             self._loop.call_soon_threadsafe(self._events.put_nowait, event)
