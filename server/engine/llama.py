@@ -214,7 +214,6 @@ class LlamaEngine:
             scanner=StopScanner(request.stop),
             n_prompt=n_prompt,
             n_cached=0,
-            submitted_at=generation.submitted_at,
             media=request.media,
         )
 

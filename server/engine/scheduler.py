@@ -125,7 +125,6 @@ class Scheduler:
             if free <= 0 and waiting >= self._max_queued:
                 per_slot = self._mean_job_s / self._limits.n_parallel
                 raise EngineBusy(max(1, math.ceil(per_slot * (waiting + 1))))
-            generation.submitted_at = time.monotonic()
             self._waiting.append(generation)
             self._cond.notify()
 
@@ -258,7 +257,6 @@ class Scheduler:
         elif keep:
             running.pieces[0] = prompt[keep:]
         running.n_cached = keep
-        running.admitted_at = time.monotonic()
         self.stats.prompt_tokens += running.n_prompt
         self.stats.prompt_tokens_reused += keep
         self.stats.queue_seconds.observe(running.admitted_at - running.submitted_at)

@@ -52,7 +52,6 @@ class Running:
     scanner: StopScanner
     n_prompt: int
     n_cached: int
-    submitted_at: float
     admitted_at: float = field(default_factory=time.monotonic)
     next_token: int | None = None
     completion_tokens: int = 0
@@ -63,6 +62,10 @@ class Running:
     @property
     def max_tokens(self) -> int:
         return self.generation.request.max_tokens
+
+    @property
+    def submitted_at(self) -> float:
+        return self.generation.submitted_at
 
 
 @dataclass(eq=False)  # identity: `slot in free` must not compare whole caches
