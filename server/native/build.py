@@ -15,14 +15,12 @@ Standard library only (runs before the project is installed).
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 from server.native import wheels
-from server.native.plan import AMX_POLICIES, BuildPlan, BuildPlanError, make_plan
+from server.native.plan import AMX_POLICIES, BuildPlanError
 from server.native.smoke import run_smoke
 
 VERIFIED_NAME = "ggufserve-llama-verified"
@@ -33,15 +31,6 @@ def _log(message: str) -> None:
     print(f"ggufserve build: {message}", flush=True)
 
 
-def _plan(args: argparse.Namespace, root: Path) -> BuildPlan:
-    return make_plan(
-        args.backend,
-        os.environ.get("CMAKE_ARGS"),
-        args.amx,
-        crashed_before=lambda isa: wheels.amx_crashed_before(isa, root),
-    )
-
-
 def _has_llama_cpp(python: str) -> bool:
     check = "import importlib.util, sys; sys.exit(importlib.util.find_spec('llama_cpp') is None)"
     return subprocess.run([python, "-c", check], check=False).returncode == 0
@@ -49,7 +38,7 @@ def _has_llama_cpp(python: str) -> bool:
 
 def ensure(args: argparse.Namespace) -> int:
     root = wheels.cache_root()
-    plan = _plan(args, root)
+    plan = wheels.machine_plan(args.backend, args.amx)
     _log(f"key {plan.key}, CMAKE_ARGS='{plan.cmake_args}', AMX {plan.amx} ({plan.amx_reason})")
     record = wheels.installed_record(args.venv)
     if not args.force and record and record.get("key") == plan.key and _has_llama_cpp(args.python):
@@ -106,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.step == "plan":
-            print(json.dumps(json.loads(_plan(args, wheels.cache_root()).to_json()), indent=2))
+            print(wheels.machine_plan(args.backend, args.amx).to_json())
             return 0
         return ensure(args) if args.step == "ensure" else verify(args)
     except (BuildPlanError, wheels.WheelBuildError) as exc:

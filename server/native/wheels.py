@@ -24,7 +24,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from server.native.plan import LLAMA_CPP_PYTHON_VERSION, BuildPlan
+from server.native.plan import LLAMA_CPP_PYTHON_VERSION, BuildPlan, make_plan
 
 RECORD_NAME = "ggufserve-llama-build.json"
 
@@ -67,6 +67,22 @@ def record_amx_crash(isa: list[str], root: Path) -> None:
     marker = _isa_marker(isa, root)
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.write_text("\n".join(isa) + "\n")
+
+
+def machine_plan(backend: str, amx_policy: str) -> BuildPlan:
+    """The build this machine gets now: ``CMAKE_ARGS`` from the environment (None → the
+    backend's default) and AMX crashes remembered under :func:`cache_root`.
+
+    Raises:
+        BuildPlanError: see :func:`server.native.plan.make_plan`.
+    """
+    root = cache_root()
+    return make_plan(
+        backend,
+        os.environ.get("CMAKE_ARGS"),
+        amx_policy,
+        crashed_before=lambda isa: amx_crashed_before(isa, root),
+    )
 
 
 def _pip(python: str, args: list[str], env: dict[str, str] | None = None) -> None:

@@ -14,10 +14,9 @@ import pytest
 import yaml
 
 from server import __main__ as cli
-from server.native.plan import make_plan
 from server.native.smoke import REBUILD_HINT, SmokeResult, run_smoke
 from server.native.sysinfo import parse_system_info, system_info
-from server.native.wheels import amx_crashed_before, cache_root, installed_record
+from server.native.wheels import installed_record, machine_plan
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -117,10 +116,7 @@ def test_a_second_install_with_the_same_flags_does_not_rebuild():
     record = installed_record(Path(sys.prefix))
     if record is None:
         pytest.skip("llama-cpp-python in this venv was not installed by `make install`")
-    plan = make_plan(
-        "cpu", os.environ.get("CMAKE_ARGS"), "auto",
-        crashed_before=lambda isa: amx_crashed_before(isa, cache_root()),
-    )  # fmt: skip
+    plan = machine_plan("cpu", "auto")
     if plan.key != record["key"]:
         pytest.skip("this venv was installed with other flags than the default (AMX, CMAKE_ARGS)")
     done = subprocess.run(
