@@ -111,6 +111,27 @@ def model_entry(model_id: str, gguf: Path, **extra: object) -> dict[str, object]
     return {"id": model_id, "gguf": {"path": str(gguf)}, "n_ctx": 2048, **extra}
 
 
+def wait_for_status(
+    url: str,
+    statuses: tuple[int, ...],
+    timeout_s: float,
+    exited: Callable[[], str | None] = lambda: None,
+) -> bool:
+    """Poll ``GET url`` until it answers one of ``statuses`` (True) or ``timeout_s`` passes
+    (False). Raises RuntimeError with ``exited()``'s message once that is not None."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if (message := exited()) is not None:
+            raise RuntimeError(message)
+        try:
+            if httpx.get(url, timeout=2).status_code in statuses:
+                return True
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    return False
+
+
 def start_server(
     tmp_dir: Path,
     entries: list[dict[str, object]],
@@ -137,17 +158,15 @@ def start_server(
             args, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
         )
     server = RunningServer(f"http://127.0.0.1:{port}", process, log_path, api_key)
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited ({process.returncode}):\n{server.log()}")
-        try:
-            status = httpx.get(f"{server.base_url}/health", timeout=2).status_code
-            if status == 200 or (not wait_ready and status in (200, 503)):
-                return server
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
+
+    def exited() -> str | None:
+        if process.poll() is None:
+            return None
+        return f"server exited ({process.returncode}):\n{server.log()}"
+
+    statuses = (200,) if wait_ready else (200, 503)
+    if wait_for_status(f"{server.base_url}/health", statuses, STARTUP_TIMEOUT_S, exited):
+        return server
     server.stop()
     raise RuntimeError(f"server not ready in {STARTUP_TIMEOUT_S} s:\n{server.log()}")
 
@@ -158,11 +177,16 @@ def gemma3_text_ckpt(bundled_gguf: Path) -> Path:
     return cached("gemma3-text", TEXT_CONFIG, lambda d: build_gemma3_text(d, bundled_gguf))
 
 
-@pytest.fixture(scope="session")
-def gemma3_mm_ckpt(bundled_gguf: Path) -> Path:
-    """Gemma3ForConditionalGeneration (transformers 5 layout) with a 2-layer SigLIP tower."""
+def gemma3_mm_checkpoint(bundled_gguf: Path) -> Path:
+    """Gemma3ForConditionalGeneration (transformers 5 layout) with a 2-layer SigLIP tower,
+    built once into the test cache."""
     recipe = {"t": TEXT_CONFIG, "v": VISION_CONFIG, "m": MM_TOKENS_PER_IMAGE}
     return cached("gemma3-mm", recipe, lambda d: build_gemma3_multimodal(d, bundled_gguf))
+
+
+@pytest.fixture(scope="session")
+def gemma3_mm_ckpt(bundled_gguf: Path) -> Path:
+    return gemma3_mm_checkpoint(bundled_gguf)
 
 
 @pytest.fixture(scope="session")

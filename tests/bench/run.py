@@ -37,6 +37,7 @@ import httpx
 
 from server.templates import fallback_template
 from tests.bench import latency, peers
+from tests.bench.latency import percentile
 from tests.conftest import (
     GEMMA3_EOG_IDS,
     REPO,
@@ -81,11 +82,6 @@ class Row:
     ttft_p95_ms: float
     completed: int
     cut_short: int
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 async def stream_one(

@@ -4,14 +4,13 @@ inside it. Skipped, saying so, where no Docker daemon answers (the build needs o
 from __future__ import annotations
 
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.conftest import free_port
+from tests.conftest import free_port, wait_for_status
 
 REPO = Path(__file__).resolve().parents[2]
 IMAGE = "ggufserve:test-cpu"
@@ -78,14 +77,7 @@ def container(image: str) -> Iterator[str]:
     container_id = started.stdout.strip()
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(1)
+        wait_for_status(f"{base}/health", (200,), 180)
         yield base
     finally:
         subprocess.run(["docker", "stop", container_id], capture_output=True, check=False)
