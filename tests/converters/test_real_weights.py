@@ -71,8 +71,13 @@ def real_f32(real_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[
     return {"path": out / "real-F32.gguf", "peak_rss": peak, "out": out}
 
 
+# A fixed English + Markdown + code text (the README's opening as of this test's figures):
+# the measured agreement must not move when the documentation is edited.
+QUALITY_TEXT = Path(__file__).with_name("data") / "quality_text.md"
+
+
 def text_ids(tokenizer: Any, n_tokens: int) -> list[int]:
-    text = (REPO / "README.md").read_text(encoding="utf-8")
+    text = QUALITY_TEXT.read_text(encoding="utf-8")
     ids = tokenizer(text)["input_ids"][:n_tokens]
     assert len(ids) == n_tokens
     return ids
