@@ -25,7 +25,7 @@ NATIVE := $(BIN)/python -m server.native.build
 STAMP_RUN := $(VENV)/.installed-run
 STAMP_TEST := $(VENV)/.installed-test
 
-.PHONY: install llama serve test lint bench bench-convert clean
+.PHONY: install llama serve test lint bench bench-convert bench-structured clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -87,6 +87,10 @@ $(STAMP_BENCH): $(STAMP_TEST)
 # ~10 min on 2 cores), llama-cpp-python's example and stock servers. Never run in CI.
 bench: install $(STAMP_BENCH) $(BENCH_VENV)/.installed
 	$(BIN)/python -m tests.bench.run --peer-python $(BENCH_VENV)/bin/python $(BENCH_ARGS)
+
+# Decode tok/s with and without a grammar (json_schema, forced tool call).
+bench-structured: $(STAMP_TEST)
+	$(BIN)/python -m tests.bench.structured $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) $(BENCH_VENV) .pytest_cache .mypy_cache .ruff_cache

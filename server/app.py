@@ -17,6 +17,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.chat import ChatService
+from server.completions import CompletionService
+from server.embeddings import EmbeddingService
 from server.errors import (
     APIError,
     AuthenticationError,
@@ -147,5 +149,7 @@ def create_app(settings: ServerSettings, registry: ModelRegistry) -> Starlette:
     app.state.settings = settings
     app.state.registry = registry
     app.state.chat = ChatService(registry, settings)
+    app.state.completions = CompletionService(registry, settings)
+    app.state.embeddings = EmbeddingService()
     app.state.metrics = metrics_registry(registry)
     return app

@@ -1,4 +1,5 @@
-"""OpenAI wire models for ``/v1/chat/completions`` and ``/v1/models`` (pydantic v2).
+"""OpenAI wire models for ``/v1/chat/completions``, ``/v1/completions`` and ``/v1/models``
+(pydantic v2).
 
 Fields follow the order and names of OpenAI's API reference. Request models are strict
 (``"5"`` is not an integer, ``5.5`` is not an integer, ``NaN`` is not a number) and ignore
@@ -58,13 +59,69 @@ class UserMessage(_Strict):
     name: str | None = None
 
 
+class FunctionCall(_Strict):
+    name: str
+    arguments: str
+
+
+class ToolCallMessage(_Strict):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class AssistantMessage(_Strict):
     role: Literal["assistant"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallMessage] | None = None
+    # Not OpenAI's: earlier reasoning, as DeepSeek/vLLM/llama.cpp clients send it back.
+    reasoning_content: str | None = None
 
 
-ChatMessage = Annotated[SystemMessage | UserMessage | AssistantMessage, Field(discriminator="role")]
+class ToolMessage(_Strict):
+    role: Literal["tool"]
+    content: str | list[TextPart]
+    tool_call_id: str
+    name: str | None = None
+
+
+ChatMessage = Annotated[
+    SystemMessage | UserMessage | AssistantMessage | ToolMessage, Field(discriminator="role")
+]
+
+
+class FunctionDefinition(_Strict):
+    name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$")]
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ToolDefinition(_Strict):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Strict):
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class JSONSchemaFormat(_Strict):
+    name: Annotated[str, Field(min_length=1, max_length=64)]
+    description: str | None = None
+    schema_: Annotated[dict[str, Any] | None, Field(alias="schema")] = None
+    strict: bool | None = None
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
 
 
 class StreamOptions(_Strict):
@@ -72,6 +129,33 @@ class StreamOptions(_Strict):
 
 
 # ---- request ---------------------------------------------------------------------------
+
+
+def check_stop(cls: type, value: str | list[str] | None) -> list[str] | None:
+    if value is None:
+        return None
+    stops = [value] if isinstance(value, str) else value
+    if len(stops) > MAX_STOP_SEQUENCES:
+        raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences are allowed")
+    for stop in stops:
+        if not stop:
+            raise ValueError("stop sequences must not be empty")
+        if len(stop) > MAX_STOP_SEQUENCE_CHARS:
+            raise ValueError(
+                f"each stop sequence must be at most {MAX_STOP_SEQUENCE_CHARS} characters"
+            )
+    return stops
+
+
+def check_logit_bias(cls: type, value: dict[str, float] | None) -> dict[str, float] | None:
+    if value is None:
+        return None
+    if len(value) > MAX_LOGIT_BIAS_ENTRIES:
+        raise ValueError(f"at most {MAX_LOGIT_BIAS_ENTRIES} logit_bias entries are allowed")
+    for key in value:
+        if not key.isdigit():
+            raise ValueError("logit_bias keys must be token ids (non-negative integers)")
+    return value
 
 
 class ChatCompletionRequest(_Strict):
@@ -89,54 +173,39 @@ class ChatCompletionRequest(_Strict):
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     max_tokens: Annotated[int, Field(ge=1)] | None = None
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
-    n: Annotated[int, Field(ge=1)] | None = None
+    n: Annotated[int, Field(ge=1, le=128)] | None = None
     presence_penalty: Annotated[FiniteFloat, Field(ge=-2.0, le=2.0)] | None = None
-    response_format: dict[str, Any] | None = None
+    response_format: ResponseFormat | None = None
     seed: Annotated[int, Field(ge=-(2**63), lt=2**64)] | None = None
     stop: str | list[str] | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     temperature: Annotated[FiniteFloat, Field(ge=0.0, le=2.0)] | None = None
     top_p: Annotated[FiniteFloat, Field(ge=0.0, le=1.0)] | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: Any = None
+    tools: Annotated[list[ToolDefinition], Field(max_length=128)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
     user: str | None = None
-    # llama.cpp extensions
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    reasoning_effort: Literal["minimal", "low", "medium", "high"] | None = None
+    # llama.cpp / vLLM extensions
     top_k: Annotated[int, Field(ge=0)] | None = None
     min_p: Annotated[FiniteFloat, Field(ge=0.0, le=1.0)] | None = None
     repeat_penalty: Annotated[FiniteFloat, Field(gt=0.0, le=10.0)] | None = None
-    # Accepted only to be refused by name: request-supplied templates are never rendered.
+    chat_template_kwargs: dict[str, Any] | None = None
+    # Accepted only to be refused by name (see server/refused.py).
     chat_template: Any = None
-    chat_template_kwargs: Any = None
+    functions: Any = None
+    function_call: Any = None
+    audio: Any = None
+    modalities: Any = None
+    prediction: Any = None
+    web_search_options: Any = None
+    service_tier: Any = None
 
-    @field_validator("stop")
-    @classmethod
-    def _check_stop(cls, value: str | list[str] | None) -> list[str] | None:
-        if value is None:
-            return None
-        stops = [value] if isinstance(value, str) else value
-        if len(stops) > MAX_STOP_SEQUENCES:
-            raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences are allowed")
-        for stop in stops:
-            if not stop:
-                raise ValueError("stop sequences must not be empty")
-            if len(stop) > MAX_STOP_SEQUENCE_CHARS:
-                raise ValueError(
-                    f"each stop sequence must be at most {MAX_STOP_SEQUENCE_CHARS} characters"
-                )
-        return stops
-
-    @field_validator("logit_bias")
-    @classmethod
-    def _check_logit_bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
-        if value is None:
-            return None
-        if len(value) > MAX_LOGIT_BIAS_ENTRIES:
-            raise ValueError(f"at most {MAX_LOGIT_BIAS_ENTRIES} logit_bias entries are allowed")
-        for key in value:
-            if not key.isdigit():
-                raise ValueError("logit_bias keys must be token ids (non-negative integers)")
-        return value
+    _check_stop = field_validator("stop")(check_stop)
+    _check_logit_bias = field_validator("logit_bias")(check_logit_bias)
 
 
 # ---- responses -------------------------------------------------------------------------
@@ -153,17 +222,60 @@ class CompletionUsage(BaseModel):
     prompt_tokens_details: PromptTokensDetails | None = None
 
 
+FinishReasonWire = Literal["stop", "length", "tool_calls"]
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprobWire(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[TokenLogprobWire] | None
+    refusal: list[TokenLogprobWire] | None = None
+
+
+class ResponseFunctionCall(BaseModel):
+    name: str
+    arguments: str
+
+
+class ResponseToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: ResponseFunctionCall
+
+
 class ResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
     refusal: str | None = None
+    tool_calls: list[ResponseToolCall] | None = None
+    reasoning_content: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _omit_empty_extras(self, handler: Any) -> dict[str, Any]:
+        # Plain replies look exactly like OpenAI's: no tool_calls/reasoning keys when empty.
+        data: dict[str, Any] = handler(self)
+        for key in ("tool_calls", "reasoning_content"):
+            if data.get(key) is None:
+                data.pop(key, None)
+        return data
 
 
 class Choice(BaseModel):
     index: int = 0
     message: ResponseMessage
-    logprobs: None = None
-    finish_reason: Literal["stop", "length"]
+    logprobs: ChoiceLogprobs | None = None
+    finish_reason: FinishReasonWire
 
 
 class ChatCompletion(BaseModel):
@@ -176,9 +288,31 @@ class ChatCompletion(BaseModel):
     usage: CompletionUsage
 
 
+class DeltaFunctionCall(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _omit_unset(self, handler: Any) -> dict[str, Any]:
+        return {key: value for key, value in handler(self).items() if value is not None}
+
+
+class DeltaToolCall(BaseModel):
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunctionCall | None = None
+
+    @model_serializer(mode="wrap")
+    def _omit_unset(self, handler: Any) -> dict[str, Any]:
+        return {key: value for key, value in handler(self).items() if value is not None}
+
+
 class Delta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
     @model_serializer(mode="wrap")
     def _omit_unset(self, handler: Any) -> dict[str, Any]:
@@ -189,8 +323,8 @@ class Delta(BaseModel):
 class ChunkChoice(BaseModel):
     index: int = 0
     delta: Delta
-    logprobs: None = None
-    finish_reason: Literal["stop", "length"] | None = None
+    logprobs: ChoiceLogprobs | None = None
+    finish_reason: FinishReasonWire | None = None
 
 
 class ChatCompletionChunk(BaseModel):
@@ -203,13 +337,86 @@ class ChatCompletionChunk(BaseModel):
     usage: CompletionUsage | None = None
 
 
+# ---- /v1/completions -------------------------------------------------------------------
+
+
+class CompletionRequest(_Strict):
+    """Body of ``POST /v1/completions`` (OpenAI's legacy text completions).
+
+    ``prompt`` is one text, a list of texts, token ids, or a list of token-id lists (``n``
+    choices per prompt). Token-id prompts are used as given (no BOS added).
+    ``max_tokens`` may be 0 with ``echo`` to score a prompt (lm-evaluation-harness).
+    """
+
+    model: str
+    prompt: (
+        str
+        | Annotated[list[str], Field(min_length=1, max_length=64)]
+        | Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+        | Annotated[
+            list[Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]],
+            Field(min_length=1, max_length=64),
+        ]
+    )
+    echo: bool | None = False
+    frequency_penalty: Annotated[FiniteFloat, Field(ge=-2.0, le=2.0)] | None = None
+    logit_bias: dict[str, Annotated[FiniteFloat, Field(ge=-100.0, le=100.0)]] | None = None
+    logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    max_tokens: Annotated[int, Field(ge=0)] | None = 16
+    n: Annotated[int, Field(ge=1, le=128)] | None = None
+    presence_penalty: Annotated[FiniteFloat, Field(ge=-2.0, le=2.0)] | None = None
+    seed: Annotated[int, Field(ge=-(2**63), lt=2**64)] | None = None
+    stop: str | list[str] | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    temperature: Annotated[FiniteFloat, Field(ge=0.0, le=2.0)] | None = None
+    top_p: Annotated[FiniteFloat, Field(ge=0.0, le=1.0)] | None = None
+    user: str | None = None
+    top_k: Annotated[int, Field(ge=0)] | None = None
+    min_p: Annotated[FiniteFloat, Field(ge=0.0, le=1.0)] | None = None
+    repeat_penalty: Annotated[FiniteFloat, Field(gt=0.0, le=10.0)] | None = None
+    # Accepted only to be refused by name.
+    suffix: Any = None
+    best_of: Any = None
+
+    _check_stop = field_validator("stop")(check_stop)
+    _check_logit_bias = field_validator("logit_bias")(check_logit_bias)
+
+
+class CompletionLogprobs(BaseModel):
+    """OpenAI's legacy logprobs: parallel lists, one entry per token (prompt tokens first
+    with ``echo``; the prompt's first token has a null logprob)."""
+
+    text_offset: list[int]
+    token_logprobs: list[float | None]
+    tokens: list[str]
+    top_logprobs: list[dict[str, float] | None]
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: Literal["stop", "length"] | None
+
+
+class Completion(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    system_fingerprint: str | None = None
+    choices: list[CompletionChoice]
+    usage: CompletionUsage | None = None
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "ggufserve"
     # Not in OpenAI's schema (clients ignore it); named as Ollama names it.
-    capabilities: list[Literal["completion", "vision"]] = ["completion"]
+    capabilities: list[Literal["completion", "vision", "tools", "embedding"]] = ["completion"]
 
 
 class ModelList(BaseModel):

@@ -14,11 +14,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from server.engine.base import ModelLoadError
+from server.engine.embedding import EmbeddingEngine
 from server.engine.llama import LlamaEngine
 from server.errors import ModelNotFoundError, ModelUnavailableError
+from server.families import family_for
+from server.families.base import Family
 from server.model_files import resolve
 from server.settings import ModelEntry, ModelsFileError, ServerSettings
-from server.templates import ChatTemplate, ChatTemplateError, fallback_template
+from server.templates import ChatTemplate, ChatTemplateError, fallback_template, shipped_template
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +37,13 @@ class ModelState(str, enum.Enum):
 
 @dataclass
 class ServedModel:
-    """One ``models.yaml`` entry and, once loaded, its engine and chat template."""
+    """One ``models.yaml`` entry and, once loaded, its engine and chat templates.
+
+    ``tool_template`` renders requests with tools or tool turns (the family's shipped
+    tool-aware template where the model's own has no tools, e.g. Gemma 3); ``family``
+    parses tool calls and reasoning (None: an architecture without tool support);
+    ``embedder`` serves ``/v1/embeddings`` when the entry asks for it.
+    """
 
     entry: ModelEntry
     base_dir: Path
@@ -42,6 +51,9 @@ class ServedModel:
     state: ModelState = ModelState.LOADING
     engine: LlamaEngine | None = None
     template: ChatTemplate | None = None
+    tool_template: ChatTemplate | None = None
+    family: Family | None = None
+    embedder: EmbeddingEngine | None = None
 
     @property
     def id(self) -> str:
@@ -101,6 +113,9 @@ class ModelRegistry:
 
     def close(self) -> None:
         for served in self._models.values():
+            if served.embedder is not None:
+                served.embedder.close()
+                served.embedder = None
             if served.engine is not None:
                 served.engine.close()
                 served.engine = None
@@ -138,7 +153,21 @@ class ModelRegistry:
         )
         try:
             served.template = self._template(served, engine)
-        except (ModelsFileError, ChatTemplateError):
+            served.family = family_for(engine.info.architecture)
+            tool_source = served.family.tool_template if served.family else None
+            served.tool_template = (
+                self._compile(shipped_template(tool_source), engine)
+                if tool_source
+                else served.template
+            )
+            if entry.embeddings:
+                served.embedder = EmbeddingEngine(
+                    engine.model,
+                    n_ctx=entry.n_ctx,
+                    n_threads=entry.n_threads,
+                    n_batch=min(entry.n_batch, entry.n_ctx),
+                )
+        except (ModelsFileError, ChatTemplateError, ModelLoadError):
             engine.close()
             raise
         served.engine = engine
@@ -160,6 +189,10 @@ class ModelRegistry:
                 f"no chat template in the GGUF and none built in for '{info.architecture}'; "
                 "set chat_template in models.yaml"
             )
+        return self._compile(source, engine)
+
+    def _compile(self, source: str, engine: LlamaEngine) -> ChatTemplate:
+        info = engine.info
         return ChatTemplate(
             source,
             bos_token=info.bos_token,

@@ -3,22 +3,25 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
-from typing import TypeVar
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any, TypeVar
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import Receive
 
 from server.chat import ChatService
+from server.completions import CompletionService
+from server.embeddings import EmbeddingRequest
 from server.errors import InvalidRequestError, PayloadTooLargeError, UnsupportedMediaTypeError
 from server.metrics import metrics
-from server.protocol import ChatCompletionRequest, ModelCard, ModelList
-from server.registry import ModelRegistry, ModelState
+from server.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from server.registry import ModelRegistry, ModelState, ServedModel
 
 T = TypeVar("T")
+M = TypeVar("M", bound=BaseModel)
 
 JSON_TYPES = ("application/json", "text/json")
 
@@ -47,14 +50,14 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
     return bytes(body)
 
 
-def parse_chat_request(raw: bytes) -> ChatCompletionRequest:
-    """Validate the JSON body.
+def parse_request(raw: bytes, model: type[M]) -> M:
+    """Validate the JSON body against a request model.
 
     Raises:
         InvalidRequestError: malformed JSON, or the first failing field with its path.
     """
     try:
-        return ChatCompletionRequest.model_validate_json(raw)
+        return model.model_validate_json(raw)
     except ValidationError as exc:
         error = exc.errors(include_url=False, include_input=False)[0]
         if error["type"] == "json_invalid":
@@ -87,32 +90,78 @@ async def chat_completions(request: Request) -> Response:
     state = request.app.state
     request_id: str = request.state.request_id
     raw = await read_body(request, state.settings.max_request_bytes)
-    body = parse_chat_request(raw)
+    body = parse_request(raw, ChatCompletionRequest)
     service: ChatService = state.chat
     prepared = await service.prepare(body, request_id)
-    generation = service.start(prepared)
+    generations = service.start(prepared)
     if body.stream:
-        return StreamingResponse(
-            service.stream(prepared, generation, request_id),
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-        )
+        return event_stream(service.stream(prepared, generations, request_id))
     completion = await run_unless_disconnected(
-        request, service.complete(prepared, generation, request_id)
+        request, service.complete(prepared, generations, request_id)
     )
-    if completion is None:
+    return json_or_gone(completion)
+
+
+async def completions(request: Request) -> Response:
+    state = request.app.state
+    request_id: str = request.state.request_id
+    raw = await read_body(request, state.settings.max_request_bytes)
+    body = parse_request(raw, CompletionRequest)
+    service: CompletionService = state.completions
+    prepared = await service.prepare(body, request_id)
+    generations = service.start(prepared)
+    if body.stream:
+        return event_stream(service.stream(prepared, generations, request_id))
+    completion = await run_unless_disconnected(
+        request, service.complete(prepared, generations, request_id)
+    )
+    return json_or_gone(completion)
+
+
+async def embeddings(request: Request) -> Response:
+    state = request.app.state
+    raw = await read_body(request, state.settings.max_request_bytes)
+    body = parse_request(raw, EmbeddingRequest)
+    registry: ModelRegistry = state.registry
+    served = registry.get(body.model)
+    if served.embedder is None or served.engine is None:
+        raise InvalidRequestError(
+            f"The model '{body.model}' does not serve embeddings (models.yaml: embeddings).",
+            param="model",
+        )
+    engine = served.engine
+    response = await state.embeddings.create(
+        body,
+        engine=served.embedder,
+        tokenize=engine.tokenize,
+        add_bos=engine.info.add_bos,
+        bos_token_id=engine.info.bos_token_id,
+        n_vocab=engine.info.n_vocab,
+        model_id=served.id,
+        max_inputs=state.settings.max_embedding_inputs,
+    )
+    return JSONResponse(response.model_dump(mode="json"))
+
+
+def event_stream(events: AsyncIterator[str]) -> StreamingResponse:
+    return StreamingResponse(
+        events,
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+def json_or_gone(body: BaseModel | None) -> Response:
+    """The response body as JSON, or 499 when the client went away first."""
+    if body is None:
         return Response(status_code=499)
-    return JSONResponse(completion.model_dump(mode="json"))
+    return JSONResponse(body.model_dump(mode="json"))
 
 
 async def list_models(request: Request) -> Response:
     registry: ModelRegistry = request.app.state.registry
     cards = [
-        ModelCard(
-            id=m.id,
-            created=m.created,
-            capabilities=["completion", "vision"] if m.entry.mmproj else ["completion"],
-        )
+        ModelCard(id=m.id, created=m.created, capabilities=capabilities(m))
         for m in registry.models()
     ]
     return JSONResponse(ModelList(data=cards).model_dump(mode="json"))
@@ -130,8 +179,23 @@ async def health(request: Request) -> Response:
     return JSONResponse({"status": "error", "models": states}, status_code=503)
 
 
+def capabilities(served: ServedModel) -> list[Any]:
+    """What a model offers, named as Ollama names it (tools only once loaded: the family
+    is known from the GGUF)."""
+    out: list[Any] = ["completion"]
+    if served.entry.mmproj:
+        out.append("vision")
+    if served.family is not None:
+        out.append("tools")
+    if served.entry.embeddings:
+        out.append("embedding")
+    return out
+
+
 routes = [
     Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+    Route("/v1/completions", completions, methods=["POST"]),
+    Route("/v1/embeddings", embeddings, methods=["POST"]),
     Route("/v1/models", list_models, methods=["GET"]),
     Route("/health", health, methods=["GET"]),
     Route("/metrics", metrics, methods=["GET"]),

@@ -71,7 +71,8 @@ class ModelEntry(_Entry):
     CPU builds. ``n_threads`` None uses every core. ``n_parallel`` requests decode
     together in one context of ``n_ctx`` tokens shared by all of them.
     ``chat_template`` (inline Jinja) or ``chat_template_file`` override the template
-    embedded in the GGUF.
+    embedded in the GGUF. ``embeddings`` adds a pooled context for ``/v1/embeddings``
+    (its own KV memory of ``n_ctx`` tokens).
     """
 
     id: Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:/-]+$")]
@@ -87,6 +88,8 @@ class ModelEntry(_Entry):
     n_parallel: Annotated[int, Field(ge=1, le=256)] = 4
     # Keep the whole context in sliding-window layers so cached prefixes stay reusable.
     swa_full: bool = True
+    # Also serve /v1/embeddings from a second, pooled context on the same weights.
+    embeddings: bool = False
     sampling: SamplingDefaults = SamplingDefaults()
 
     @model_validator(mode="after")
@@ -188,6 +191,8 @@ class ServerSettings(BaseSettings):
     max_queued_requests: Annotated[int, Field(ge=0)] = 16
     max_request_bytes: Annotated[int, Field(ge=1024)] = 32 * MiB
     max_prompt_chars: Annotated[int, Field(ge=1)] = 1_000_000
+    # Inputs in one /v1/embeddings request (OpenAI allows 2048).
+    max_embedding_inputs: Annotated[int, Field(ge=1)] = 2048
     template_timeout_s: Annotated[float, Field(gt=0)] = 2.0
     cors_allow_origins: list[str] = []
     log_level: str = "info"

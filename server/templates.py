@@ -107,12 +107,15 @@ def _strftime_now(fmt: str) -> str:
     return datetime.now().strftime(fmt)
 
 
+def shipped_template(name: str) -> str:
+    """The source of a template shipped in server/chat_templates/ (e.g. ``gemma3.jinja``)."""
+    return (files("server") / "chat_templates" / name).read_text(encoding="utf-8")
+
+
 def fallback_template(architecture: str) -> str | None:
     """The shipped template for a llama.cpp architecture name, or None if there is none."""
     name = FALLBACK_TEMPLATES.get(architecture)
-    if name is None:
-        return None
-    return (files("server") / "chat_templates" / name).read_text(encoding="utf-8")
+    return None if name is None else shipped_template(name)
 
 
 class ChatTemplate:
@@ -148,8 +151,20 @@ class ChatTemplate:
         self._timeout_s = timeout_s
         self._max_output_chars = max_output_chars
 
-    def render(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True) -> str:
-        """Render ``messages`` (dicts with ``role`` and ``content``) to prompt text.
+    def render(
+        self,
+        messages: list[dict[str, Any]],
+        *,
+        add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> str:
+        """Render ``messages`` (dicts with ``role`` and ``content``, and for tool use
+        ``tool_calls`` / ``tool_call_id`` as HF templates expect) to prompt text.
+
+        ``tools`` are OpenAI tool dicts (``{"type": "function", "function": {...}}``);
+        ``extra`` holds further template variables (``chat_template_kwargs`` such as
+        ``enable_thinking``, and ``reasoning_effort``); it never replaces the variables above.
 
         Raises:
             ChatTemplateError: the template called ``raise_exception`` (its message is
@@ -161,11 +176,14 @@ class ChatTemplate:
         size = 0
         try:
             stream = self._template.generate(
-                messages=messages,
-                add_generation_prompt=add_generation_prompt,
-                bos_token=self._bos_token,
-                eos_token=self._eos_token,
-                tools=None,
+                {
+                    **(extra or {}),
+                    "messages": messages,
+                    "add_generation_prompt": add_generation_prompt,
+                    "bos_token": self._bos_token,
+                    "eos_token": self._eos_token,
+                    "tools": tools,
+                }
             )
             for piece in stream:
                 size += len(piece)

@@ -33,11 +33,33 @@ class SamplingParams:
 
 
 @dataclass(frozen=True)
+class GrammarSpec:
+    """A llama.cpp GBNF grammar that constrains sampling (root rule ``root``).
+
+    With ``trigger_patterns`` or ``trigger_tokens`` the grammar is lazy (as llama.cpp's
+    ``llama_sampler_init_grammar_lazy_patterns``): output is free until a pattern matches
+    (Python regex search over the generated text; the grammar applies from the first
+    non-empty capture group) or a trigger token is sampled. See ``TokenSampler``.
+    """
+
+    gbnf: str
+    trigger_patterns: tuple[str, ...] = ()
+    trigger_tokens: tuple[int, ...] = ()
+
+    @property
+    def lazy(self) -> bool:
+        return bool(self.trigger_patterns or self.trigger_tokens)
+
+
+@dataclass(frozen=True)
 class GenerationRequest:
     """One completion job: prompt token ids (BOS included), a token budget, sampling, stops.
 
-    ``max_tokens`` counts generated tokens; the caller has checked that
-    ``len(prompt_tokens) + max_tokens <= n_ctx``.
+    ``max_tokens`` counts generated tokens (0: score the prompt only, with
+    ``prompt_logprobs``); the caller has checked that ``len(prompt_tokens) + max_tokens
+    <= n_ctx``. ``logprobs``: None for none, else how many alternatives (0-20) to report
+    with each generated token. ``prompt_logprobs``: the same for prompt tokens (the prompt
+    is then decoded in full, without prefix reuse).
     """
 
     prompt_tokens: list[int]
@@ -46,13 +68,38 @@ class GenerationRequest:
     stop: list[str] = field(default_factory=list)
     # With images: the engine's tokenized text + image chunks (prompt_tokens is then empty).
     media: Any = None
+    grammar: GrammarSpec | None = None
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One token's log-probability under the model (natural log of the softmax of the
+    raw logits row that predicted it) and the ``top`` most likely tokens there, best
+    first, as (token bytes, logprob). ``logprob`` is None for a prompt's first token."""
+
+    token: int
+    piece: bytes
+    logprob: float | None
+    top: tuple[tuple[bytes, float], ...] = ()
 
 
 @dataclass(frozen=True)
 class TextDelta:
-    """New completion text, always whole UTF-8 characters, never part of a stop string."""
+    """New completion text, always whole UTF-8 characters, never part of a stop string;
+    ``logprobs`` of the tokens whose text it completes (when requested)."""
 
     text: str
+    logprobs: tuple[TokenLogprob, ...] = ()
+
+
+@dataclass(frozen=True)
+class PromptLogprobs:
+    """The prompt's tokens with their logprobs (requests with ``prompt_logprobs``), sent
+    before any text."""
+
+    tokens: tuple[TokenLogprob, ...]
 
 
 @dataclass(frozen=True)
@@ -74,7 +121,7 @@ class Failed:
     code: str | None = None
 
 
-GenerationEvent = TextDelta | Finished | Failed
+GenerationEvent = TextDelta | PromptLogprobs | Finished | Failed
 
 
 @dataclass(frozen=True)

@@ -14,14 +14,24 @@ import llama_cpp
 from llama_cpp import _internals
 from llama_cpp._logger import set_verbose
 
-from server.engine.base import EngineStats, GenerationRequest, ModelInfo, ModelLoadError
+from server.engine.base import (
+    EngineStats,
+    GenerationRequest,
+    GrammarSpec,
+    ModelInfo,
+    ModelLoadError,
+)
 from server.engine.media import MediaPrompt, Mtmd
-from server.engine.sampling import make_sampler
+from server.engine.sampling import TokenSampler, init_grammar
 from server.engine.scheduler import ContextLimits, Scheduler
 from server.engine.sequence import ImagePiece, Piece, Running
 from server.engine.text import StopScanner
 from server.engine.worker import Generation
 from server.images import LoadedImage
+
+# Output rows per step for scoring prompts (``/v1/completions`` echo + logprobs): each is a
+# logits row of n_vocab floats (1 MiB for Gemma 3's 262k vocabulary).
+PROMPT_LOGPROB_ROWS = 32
 
 
 class LlamaEngine:
@@ -60,6 +70,7 @@ class LlamaEngine:
         image_cache_bytes: int = 0,
     ):
         threads = n_threads or os.cpu_count() or 1
+        self.n_parallel = n_parallel
         set_verbose(False)  # llama.cpp's own log lines stay out of the server log
         model_params = llama_cpp.llama_model_default_params()
         model_params.n_gpu_layers = n_gpu_layers
@@ -67,8 +78,10 @@ class LlamaEngine:
         ctx_params.n_ctx = n_ctx
         ctx_params.n_batch = ctx_params.n_ubatch = n_batch
         ctx_params.n_seq_max = n_parallel
-        # One output row per sequence per step: the logits buffer need not hold n_batch rows.
-        ctx_params.n_outputs_max = n_parallel
+        # The logits buffer need not hold n_batch rows: one per sequence per step, one per
+        # prompt ending in the step, and a window of rows for prompt logprobs.
+        n_outputs_max = 2 * n_parallel + PROMPT_LOGPROB_ROWS
+        ctx_params.n_outputs_max = n_outputs_max
         ctx_params.kv_unified = True
         ctx_params.swa_full = swa_full
         ctx_params.n_threads = ctx_params.n_threads_batch = threads
@@ -80,7 +93,7 @@ class LlamaEngine:
         except (ValueError, RuntimeError, OSError):
             raise ModelLoadError("llama.cpp could not load the model file") from None
         self._vocab = llama_cpp.llama_model_get_vocab(self._model.model)
-        self._pieces: dict[int, bytes] = {}
+        self._pieces: dict[tuple[int, bool], bytes] = {}
         self._mtmd = (
             Mtmd(
                 mmproj_path,
@@ -103,9 +116,12 @@ class LlamaEngine:
                 prefill_chunk=max(32, n_batch // 4),
                 n_swa=llama_cpp.llama_model_n_swa(self._model.model),
                 swa_full=swa_full,
+                n_outputs_max=n_outputs_max,
+                n_vocab=self.info.n_vocab,
             ),
             start=self._start,
             piece=self._piece,
+            shown_piece=lambda token: self._piece(token, special=True),
             is_eog=lambda token: bool(llama_cpp.llama_vocab_is_eog(self._vocab, token)),
             decode_image=self._decode_image,
             stats=self.stats,
@@ -165,9 +181,34 @@ class LlamaEngine:
             EngineBusy: every sequence is busy and the queue is full.
             EngineClosed: the engine is shutting down.
         """
-        generation = Generation(request, asyncio.get_running_loop())
-        self._scheduler.submit(generation)
-        return generation
+        return self.submit_choices([request])[0]
+
+    def submit_choices(self, requests: list[GenerationRequest]) -> list[Generation]:
+        """Queue the choices of one request together (all or none). Every choice after
+        the first starts from a copy of the first one's prompt cells.
+
+        Raises:
+            EngineBusy: the queue cannot take them all.
+            EngineClosed: the engine is shutting down.
+        """
+        loop = asyncio.get_running_loop()
+        leader = Generation(requests[0], loop)
+        generations = [leader, *(Generation(r, loop, leader) for r in requests[1:])]
+        self._scheduler.submit(*generations)
+        return generations
+
+    def check_grammar(self, spec: GrammarSpec) -> None:
+        """Compile a grammar once (any thread), so a bad one fails the request up front.
+
+        Raises:
+            GrammarError: llama.cpp rejected it.
+        """
+        llama_cpp.llama_sampler_free(init_grammar(self._vocab, spec))
+
+    @property
+    def model(self) -> _internals.LlamaModel:
+        """The loaded llama.cpp model (for a second context, e.g. embeddings)."""
+        return self._model
 
     def queue_depth(self) -> int:
         running, waiting = self._scheduler.counts()
@@ -210,7 +251,14 @@ class LlamaEngine:
         return Running(
             generation=generation,
             pieces=deque(pieces),
-            sampler=make_sampler(request.sampling, self.info.n_vocab),
+            sampler=TokenSampler(
+                request.sampling,
+                self._vocab,
+                self.info.n_vocab,
+                request.grammar,
+                piece=lambda token: self._piece(token, special=True),
+                tokenize=self.tokenize,
+            ),
             scanner=StopScanner(request.stop),
             n_prompt=n_prompt,
             n_cached=0,
@@ -221,17 +269,23 @@ class LlamaEngine:
         assert self._mtmd is not None
         return self._mtmd.decode(piece, self._ctx.ctx, seq_id, n_past, self._ctx.params.n_batch)
 
-    def _piece(self, token: int) -> bytes:
-        """The bytes of one token, special tokens rendered as nothing (cached per id)."""
-        piece = self._pieces.get(token)
+    def _piece(self, token: int, special: bool = False) -> bytes:
+        """The bytes of one token, special tokens rendered as nothing unless ``special``
+        (cached per id and form)."""
+        piece = self._pieces.get((token, special))
         if piece is None:
             size = 64
             while True:
                 buffer = ctypes.create_string_buffer(size)
-                n = llama_cpp.llama_token_to_piece(self._vocab, token, buffer, size, 0, False)
+                n = llama_cpp.llama_token_to_piece(self._vocab, token, buffer, size, 0, special)
                 if n >= 0:
                     break
                 size = -n  # a negative result is the size needed
             piece = buffer.raw[:n]
-            self._pieces[token] = piece
+            self._pieces[(token, special)] = piece
         return piece
+
+    def token_bytes(self, tokens: list[int]) -> bytes:
+        """The text bytes of token ids (special tokens as their text), for echoing a
+        token-id prompt."""
+        return b"".join(self._piece(token, special=True) for token in tokens)

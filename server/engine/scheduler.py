@@ -11,7 +11,12 @@ One thread owns the context (llama.cpp contexts are not thread-safe). Each step:
    ``prefill_chunk`` prompt tokens while any sequence generates, so a long prompt
    cannot freeze running streams); a prompt's last token is decoded in a later step
    than the rest, so its logits do not depend on how much of the prompt was cached;
-4. runs one ``llama_decode``, then samples each sequence's output row with its own chain.
+4. runs one ``llama_decode``, then samples each sequence's output row with its own
+   sampler (and reads logprobs from that row when asked).
+
+The 2nd..n-th choices of one request (``n`` > 1) wait until the first choice's prompt is
+cached, then start from a copy of its cells. A request for prompt logprobs decodes its
+whole prompt with an output row per token, within ``n_outputs_max`` rows per step.
 
 A ``llama_decode`` that finds no free KV cells first drops idle sequences' caches, then
 fails the youngest generation in the batch (``kv_cache_full``) and retries without it.
@@ -30,7 +35,16 @@ from dataclasses import dataclass
 import llama_cpp
 from llama_cpp import _internals
 
-from server.engine.base import EngineStats, Failed, Finished, FinishReason, TextDelta
+from server.engine.base import (
+    EngineStats,
+    Failed,
+    Finished,
+    FinishReason,
+    PromptLogprobs,
+    TextDelta,
+    TokenLogprob,
+)
+from server.engine.sampling import logits_row, token_logprob
 from server.engine.sequence import IMAGE_ROW, ImagePiece, Running, Slot, common_prefix
 from server.engine.worker import EngineBusy, EngineClosed, Generation
 
@@ -50,6 +64,8 @@ class ContextLimits:
         n_swa: Sliding-window size (0: none); with ``swa_full`` False, prefix reuse
             checks the window is still cached (llama.cpp server.cpp's ``pos_min`` check).
         swa_full: The SWA layers keep the whole context (reuse always possible).
+        n_outputs_max: Most output (logits) rows in one ``llama_decode``.
+        n_vocab: Vocabulary size (length of a logits row).
     """
 
     n_parallel: int
@@ -57,6 +73,8 @@ class ContextLimits:
     prefill_chunk: int
     n_swa: int
     swa_full: bool
+    n_outputs_max: int
+    n_vocab: int
 
 
 class Scheduler:
@@ -67,6 +85,7 @@ class Scheduler:
         limits: See :class:`ContextLimits`.
         start: Builds a :class:`Running` for a generation (prompt pieces, sampler...).
         piece: Token id → bytes (special tokens as nothing).
+        shown_piece: Token id → bytes for logprobs (special tokens as their text).
         is_eog: Whether a token ends generation.
         decode_image: Decodes an image's embedding rows for one sequence at a position;
             returns the next position.
@@ -82,6 +101,7 @@ class Scheduler:
         *,
         start: Callable[[Generation], Running],
         piece: Callable[[int], bytes],
+        shown_piece: Callable[[int], bytes],
         is_eog: Callable[[int], bool],
         decode_image: Callable[[ImagePiece, int, int], int],
         stats: EngineStats,
@@ -93,6 +113,7 @@ class Scheduler:
         self._limits = limits
         self._start = start
         self._piece = piece
+        self._shown_piece = shown_piece
         self._is_eog = is_eog
         self._decode_image = decode_image
         self.stats = stats
@@ -110,11 +131,12 @@ class Scheduler:
 
     # ---- any thread ------------------------------------------------------------------
 
-    def submit(self, generation: Generation) -> None:
-        """Queue a generation (FIFO).
+    def submit(self, *generations: Generation) -> None:
+        """Queue generations (FIFO), all or none: the ``n`` choices of one request.
 
         Raises:
-            EngineBusy: every sequence is busy and ``max_queued`` generations wait.
+            EngineBusy: they would not all get a sequence and ``max_queued`` would be
+                passed.
             EngineClosed: the engine is shutting down.
         """
         with self._cond:
@@ -122,10 +144,11 @@ class Scheduler:
                 raise EngineClosed()
             waiting = sum(1 for g in self._waiting if not g.cancelled)
             free = sum(1 for s in self._slots if s.running is None) - waiting
-            if free <= 0 and waiting >= self._max_queued:
+            queued_after = waiting + max(0, len(generations) - max(free, 0))
+            if queued_after > waiting and queued_after > self._max_queued:
                 per_slot = self._mean_job_s / self._limits.n_parallel
                 raise EngineBusy(max(1, math.ceil(per_slot * (waiting + 1))))
-            self._waiting.append(generation)
+            self._waiting.extend(generations)
             self._cond.notify()
 
     def counts(self) -> tuple[int, int]:
@@ -223,6 +246,8 @@ class Scheduler:
                     continue
                 if not free or self._closed:
                     return
+                if head.leader is not None and not head.leader.prompt_cached:
+                    return  # FIFO: nothing overtakes a choice waiting for its prompt
                 self._waiting.popleft()
                 self._assign(head, free)
 
@@ -231,8 +256,11 @@ class Scheduler:
         running = self._start(generation)
         head = running.pieces[0] if running.pieces else []
         prompt = head if isinstance(head, list) else []
-        # At least one prompt token is decoded again, for fresh logits.
+        # At least one prompt token is decoded again, for fresh logits; prompt logprobs
+        # need every row's logits, so nothing is reused.
         limit = len(prompt) - (1 if len(running.pieces) == 1 else 0)
+        if generation.request.prompt_logprobs is not None:
+            limit = 0
         source, keep = None, 0
         for slot in self._slots:
             n = min(common_prefix(slot.cached, prompt), limit)
@@ -305,6 +333,12 @@ class Scheduler:
                 batch.n_tokens += 1
             rows.append((slot, len(tokens), output))
 
+        def add_all(slot: Slot, tokens: list[int]) -> None:
+            # Prompt scoring: an output row for every token (the chunk's last included).
+            add(slot, tokens, True)
+            for j in range(batch.n_tokens - len(tokens), batch.n_tokens):
+                batch.logits[j] = True
+
         active = self._active()
         for slot in active:
             running = slot.running
@@ -314,6 +348,8 @@ class Scheduler:
         budget = self._limits.n_batch - batch.n_tokens
         if rows:
             budget = min(budget, self._limits.prefill_chunk)
+        # Output rows left for prompt logprobs; one kept for each prompt that may end here.
+        outputs = self._limits.n_outputs_max - len(rows) - len(active)
         for slot in active:
             running = slot.running
             assert running is not None
@@ -325,13 +361,20 @@ class Scheduler:
             if not head:  # an empty text chunk between two images
                 running.pieces.popleft()
                 continue
-            take = head[:budget]
+            scoring = running.generation.request.prompt_logprobs is not None
+            if scoring and outputs <= 0:
+                continue
+            take = head[: min(budget, outputs) if scoring else budget]
             last = len(take) == len(head) and len(running.pieces) == 1
             if last and len(take) > 1:
                 # The prompt's last token gets a step of its own: its logits (and so a
                 # seeded sample) are then the same whether the prefix came from the cache.
                 take, last = take[:-1], False
-            add(slot, take, last)
+            if scoring:
+                add_all(slot, take)
+                outputs -= len(take)
+            else:
+                add(slot, take, last)
             budget -= len(take)
         return rows
 
@@ -356,17 +399,68 @@ class Scheduler:
             running = slot.running
             assert running is not None
             batch = self._batch.batch
+            first = index
             slot.cached.extend(batch.token[index + i] for i in range(n_rows))
             slot.n_past += n_rows
             index += n_rows
-            if running.next_token is None:
+            prefilling = running.next_token is None
+            if prefilling:
                 head = running.pieces[0]
                 assert isinstance(head, list)
+                if running.generation.request.prompt_logprobs is not None:
+                    self._score_prompt(running, first, head[:n_rows])
                 del head[:n_rows]
                 if not head:
                     running.pieces.popleft()
-            if output:
-                self._accept(slot, running.sampler.sample(self._ctx, index - 1))
+            if not output or (prefilling and running.pieces):
+                continue  # a scored prompt chunk that is not the prompt's end
+            if prefilling:
+                self._prompt_done(slot)
+                if slot.running is None:
+                    continue
+            self._sample(slot, index - 1)
+
+    def _score_prompt(self, running: Running, first: int, tokens: list[int]) -> None:
+        """Logprobs of a prompt chunk's tokens; row ``first + i`` predicts the token after
+        ``tokens[i]`` (the prompt's next token, or the first generated one)."""
+        request = running.generation.request
+        top_n = request.prompt_logprobs or 0
+        scored = running.prompt_logprobs
+        prompt = request.prompt_tokens
+        if not scored:
+            scored.append(TokenLogprob(prompt[0], self._shown_piece(prompt[0]), None))
+        for i in range(len(tokens)):
+            position = len(scored)
+            if position >= len(prompt):
+                break
+            logits = logits_row(self._ctx, first + i, self._limits.n_vocab)
+            scored.append(token_logprob(logits, prompt[position], top_n, self._shown_piece))
+
+    def _prompt_done(self, slot: Slot) -> None:
+        """The prompt is all in the KV cache: followers may copy it; a scoring-only
+        request (``max_tokens`` 0) ends here."""
+        running = slot.running
+        assert running is not None
+        running.generation.prompt_cached = True
+        if running.prompt_logprobs:
+            running.generation.emit(PromptLogprobs(tuple(running.prompt_logprobs)))
+        if running.max_tokens == 0:
+            self._finish(slot, "length")
+
+    def _sample(self, slot: Slot, row: int) -> None:
+        running = slot.running
+        assert running is not None
+        request = running.generation.request
+        logits = None
+        if request.logprobs is not None:
+            # Copied before sampling: the row is llama.cpp's buffer.
+            logits = logits_row(self._ctx, row, self._limits.n_vocab).copy()
+        token = running.sampler.sample(self._ctx, row)
+        if logits is not None and not self._is_eog(token):
+            running.logprobs.append(
+                token_logprob(logits, token, request.logprobs or 0, self._shown_piece)
+            )
+        self._accept(slot, token)
 
     def _accept(self, slot: Slot, token: int) -> None:
         running = slot.running
@@ -381,8 +475,9 @@ class Scheduler:
         self.stats.generated_tokens += 1
         text, stopped = running.scanner.feed(self._piece(token))
         if text:
-            running.generation.emit(TextDelta(text))
+            self._emit_text(running, text)
         if stopped:
+            running.logprobs.clear()  # tokens wholly inside the stop string
             self._finish(slot, "stop", flush=False)
         elif running.completion_tokens >= running.max_tokens:
             self._finish(slot, "length")
@@ -393,14 +488,18 @@ class Scheduler:
         running = slot.running
         assert running is not None
         tail = running.scanner.flush() if flush else ""
-        if tail:
-            running.generation.emit(TextDelta(tail))
+        if tail or running.logprobs:
+            self._emit_text(running, tail)
         self.stats.requests_finished += 1
         running.generation.emit(
             Finished(reason, running.n_prompt, running.completion_tokens, running.n_cached)
         )
         self._mean_job_s = 0.8 * self._mean_job_s + 0.2 * (time.monotonic() - running.admitted_at)
         self._release(slot)
+
+    def _emit_text(self, running: Running, text: str) -> None:
+        running.generation.emit(TextDelta(text, tuple(running.logprobs)))
+        running.logprobs.clear()
 
     def _fail(self, slot: Slot, event: Failed) -> None:
         assert slot.running is not None
@@ -413,6 +512,7 @@ class Scheduler:
         """Free the sequence, keeping its cache for prefix reuse."""
         assert slot.running is not None
         slot.running.sampler.close()
+        slot.running.generation.prompt_cached = True  # followers never wait on an ended one
         slot.running = None
         slot.last_used = time.monotonic()
         # A cached prefix ending in image rows is kept: comparison stops at IMAGE_ROW.

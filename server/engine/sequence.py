@@ -9,8 +9,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from llama_cpp import _internals
 
+from server.engine.base import TokenLogprob
+from server.engine.sampling import TokenSampler
 from server.engine.text import StopScanner
 from server.engine.worker import Generation
 
@@ -44,11 +45,13 @@ class Running:
         n_cached: Prompt cells reused from the KV cache (not decoded again).
         next_token: The last sampled token, decoded in the next step; None while the
             prompt is still being decoded.
+        logprobs: Logprobs of sampled tokens whose text the scanner still holds.
+        prompt_logprobs: Logprobs of the prompt tokens decoded so far (when requested).
     """
 
     generation: Generation
     pieces: deque[Piece]
-    sampler: _internals.LlamaSampler
+    sampler: TokenSampler
     scanner: StopScanner
     n_prompt: int
     n_cached: int
@@ -58,6 +61,8 @@ class Running:
     first_token_at: float | None = None
     # Keeps mtmd's chunks (and so the ImagePiece pointers) alive while decoding.
     media: Any = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
 
     @property
     def max_tokens(self) -> int:

@@ -33,10 +33,21 @@ class Generation:
     Args:
         request: What to generate.
         loop: The event loop that consumes the events.
+        leader: For the 2nd..n-th choices of one request: the first choice's generation.
+            This one is admitted only once the leader's prompt is in the KV cache, so it
+            copies those cells (``seq_cp``) instead of decoding the prompt again.
     """
 
-    def __init__(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop):
+    def __init__(
+        self,
+        request: GenerationRequest,
+        loop: asyncio.AbstractEventLoop,
+        leader: Generation | None = None,
+    ):
         self.request = request
+        self.leader = leader
+        # Owner thread only: the prompt is cached (or the leader ended), followers may go.
+        self.prompt_cached = False
         self._loop = loop
         self._events: asyncio.Queue[GenerationEvent] = asyncio.Queue()
         self._cancelled = threading.Event()

@@ -19,9 +19,9 @@ import pytest
 from llama_cpp import mtmd_cpp
 
 from converters.convert import ConversionResult
-from server.chat import _render_media
 from server.engine.media import Mtmd
 from server.images import LoadedImage
+from server.prompting import TemplateInput, render, tokenize_media
 from server.registry import ModelRegistry, ServedModel
 from server.settings import ModelEntry, ServerSettings
 from tests.converters.qwen_builders import IMAGE_PAD_ID
@@ -67,7 +67,9 @@ def server_layout(
     model: ServedModel, messages: list[dict[str, Any]], images: list[Any]
 ) -> list[int]:
     """Token ids of the server's prompt, each image embedding row as ``IMAGE``."""
-    prompt = _render_media(model, messages, [loaded(i) for i in images])
+    assert model.template is not None
+    text = render(model.template, TemplateInput(messages, []))
+    prompt = tokenize_media(model, text, [loaded(i) for i in images])
     layout: list[int] = []
     for index in range(mtmd_cpp.mtmd_input_chunks_size(prompt.chunks)):
         chunk = mtmd_cpp.mtmd_input_chunks_get(prompt.chunks, index)

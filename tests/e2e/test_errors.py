@@ -89,7 +89,7 @@ def test_body_over_cap_is_413(http: httpx.Client) -> None:
         ({"messages": [{"role": "wizard", "content": "x"}]}, "messages.0"),
         ({"messages": [{"role": "user", "content": 5}]}, "messages.0.user.content.str"),
         ({"messages": [{"role": "user"}]}, "messages.0.user.content"),
-        ({"messages": [{"role": "tool", "content": "x", "tool_call_id": "1"}]}, "messages.0"),
+        ({"messages": [{"role": "tool", "content": "x"}]}, "messages.0.tool.tool_call_id"),
         (
             {
                 "messages": [
@@ -150,12 +150,52 @@ def test_non_finite_numbers(http: httpx.Client, literal: str) -> None:
 @pytest.mark.parametrize(
     ("patch", "param"),
     [
-        ({"n": 2}, "n"),
-        ({"logprobs": True}, "logprobs"),
-        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"n": 129}, "n"),
+        ({"n": 100}, "n"),
+        ({"top_logprobs": 2}, "top_logprobs"),
+        ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+        ({"tool_choice": "required"}, "tool_choice"),
+        (
+            {
+                "tools": [{"type": "function", "function": {"name": "f"}}],
+                "tool_choice": {"type": "function", "function": {"name": "g"}},
+            },
+            "tool_choice",
+        ),
+        (
+            {
+                "tools": [{"type": "function", "function": {"name": "f"}}],
+                "response_format": {"type": "json_object"},
+            },
+            "response_format",
+        ),
+        (
+            {"tools": [{"type": "function", "function": {"name": "bad name!"}}]},
+            "tools.0.function.name",
+        ),
+        ({"response_format": {"type": "json_schema"}}, "response_format.json_schema"),
+        (
+            {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {
+                        "name": "n",
+                        "schema": {"type": "integer", "minimum": 3},
+                    },
+                }
+            },
+            "response_format.json_schema.schema",
+        ),
         ({"chat_template": "{{ 7*7 }}"}, "chat_template"),
-        ({"chat_template_kwargs": {"x": 1}}, "chat_template"),
+        ({"chat_template_kwargs": {"messages": []}}, "chat_template_kwargs"),
+        ({"functions": [{"name": "f"}]}, "functions"),
+        ({"function_call": "auto"}, "function_call"),
+        ({"audio": {"voice": "alloy", "format": "wav"}}, "audio"),
+        ({"modalities": ["text", "audio"]}, "modalities"),
+        ({"prediction": {"type": "content", "content": "x"}}, "prediction"),
+        ({"web_search_options": {}}, "web_search_options"),
+        ({"service_tier": "flex"}, "service_tier"),
+        ({"store": True}, "store"),
         ({"logit_bias": {"999999": 1}}, "logit_bias"),
     ],
 )
@@ -166,10 +206,15 @@ def test_unsupported_options_are_refused_by_name(
     assert_envelope(http.post("/v1/chat/completions", json=body), 400, param=param)
 
 
-def test_n_2_via_sdk(client: openai.OpenAI) -> None:
+def test_schema_keyword_refusal_names_the_keyword(client: openai.OpenAI) -> None:
+    schema = {"type": "object", "properties": {"age": {"type": "integer", "minimum": 0}}}
     with pytest.raises(openai.BadRequestError) as info:
-        client.chat.completions.create(model=MODEL, messages=OK_MESSAGES, n=2)  # type: ignore[arg-type]
-    assert "n=1" in str(info.value)
+        client.chat.completions.create(
+            model=MODEL,
+            messages=OK_MESSAGES,  # type: ignore[arg-type]
+            response_format={"type": "json_schema", "json_schema": {"name": "p", "schema": schema}},
+        )
+    assert "minimum" in str(info.value)
 
 
 def test_unknown_model_is_404(client: openai.OpenAI, http: httpx.Client) -> None:

@@ -1,0 +1,65 @@
+"""Qwen3-VL (dense and MoE): Hermes-style tool calls.
+
+A call is ``<tool_call>\\n{"name": "<fn>", "arguments": {...}}\\n</tool_call>``; several
+calls are separated by ``\\n``. The model's own chat template renders tools (the Qwen3-VL
+templates do), so no shipped tool template is needed.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Set
+
+from server.families.base import Family, ToolCall, call_from_object
+
+QWEN_CALL_OPEN = "<tool_call>"
+QWEN_CALL_CLOSE = "</tool_call>"
+# The exact call layout the grammar builder emits: prefix + JSON object + suffix.
+QWEN_CALL_PREFIX = QWEN_CALL_OPEN + "\n"
+QWEN_CALL_SUFFIX = "\n" + QWEN_CALL_CLOSE
+QWEN_ARGUMENTS_KEY = "arguments"
+# llama.cpp lazy-grammar triggers: regex search over the output so far; the grammar starts
+# at the first non-empty capture group, i.e. at <tool_call>.
+QWEN_TRIGGER_PATTERNS = [r"(<tool_call>)"]
+
+
+class Qwen3VL(Family):
+    """Qwen3-VL's Hermes-style calls (see module doc)."""
+
+    name = "qwen3_vl"
+    call_openers = (QWEN_CALL_OPEN,)
+    tool_template = None
+
+    def parse_calls(self, text: str, tool_names: Set[str]) -> tuple[str, list[ToolCall]]:
+        """Take ``<tool_call>`` blocks out of ``text`` (see :meth:`Family.parse_calls`).
+
+        A block runs to its ``</tool_call>``, or, unterminated, to the next
+        ``<tool_call>`` or the end; its JSON must decode to ``{"name", "arguments"}``
+        with a known name (arguments an object or a JSON string holding one).
+        """
+        kept: list[str] = []
+        calls: list[ToolCall] = []
+        pos = 0
+        while (start := text.find(QWEN_CALL_OPEN, pos)) != -1:
+            body_start = start + len(QWEN_CALL_OPEN)
+            close = text.find(QWEN_CALL_CLOSE, body_start)
+            following = text.find(QWEN_CALL_OPEN, body_start)
+            if close != -1 and (following == -1 or close < following):
+                body_end, end = close, close + len(QWEN_CALL_CLOSE)
+            else:
+                body_end = end = following if following != -1 else len(text)
+            call = _decode_call(text[body_start:body_end], tool_names)
+            kept.append(text[pos:start] if call else text[pos:end])
+            if call:
+                calls.append(call)
+            pos = end
+        kept.append(text[pos:])
+        return "".join(kept), calls
+
+
+def _decode_call(body: str, tool_names: Set[str]) -> ToolCall | None:
+    try:
+        obj = json.loads(body)
+    except (ValueError, RecursionError):
+        return None
+    return call_from_object(obj, tool_names, (QWEN_ARGUMENTS_KEY,))
