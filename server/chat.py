@@ -8,7 +8,6 @@ response is sent, so that even ``stream=true`` requests get real HTTP errors.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
@@ -16,14 +15,20 @@ from typing import Any
 
 import anyio.to_thread
 
-from server.chat_reply import ChoiceStream, ChoiceText, merged_events, usage
-from server.engine.base import Failed, Finished, GenerationRequest, TextDelta
+from server.chat_reply import (
+    ChoiceStream,
+    ChoiceText,
+    failure,
+    merged_events,
+    run_to_end,
+    sse_json,
+    usage,
+)
+from server.engine.base import Failed, Finished, GenerationEvent, GenerationRequest, TextDelta
 from server.engine.sampling import GrammarError
 from server.engine.worker import EngineBusy, EngineClosed, Generation
 from server.errors import (
-    APIError,
     ContextLengthExceededError,
-    InternalServerError,
     InvalidRequestError,
     ModelUnavailableError,
     QueueFullError,
@@ -222,19 +227,12 @@ class ChatService:
             ModelUnavailableError: the KV cache filled up (``kv_cache_full``, retry).
         """
         texts = [ChoiceText(prepared.parser(), prepared.want_logprobs) for _ in generations]
-        finished: dict[int, Finished] = {}
-        try:
-            async for index, event in merged_events(generations):
-                if isinstance(event, TextDelta):
-                    texts[index].feed(event)
-                elif isinstance(event, Finished):
-                    finished[index] = event
-                elif isinstance(event, Failed):
-                    raise failure(event, request_id)
-        finally:
-            for generation in generations:
-                generation.cancel()
-        ordered = [finished[i] for i in range(len(generations))]
+
+        def on_event(index: int, event: GenerationEvent) -> None:
+            if isinstance(event, TextDelta):
+                texts[index].feed(event)
+
+        ordered = await run_to_end(generations, request_id, on_event)
         return ChatCompletion(
             id=prepared.completion_id,
             created=prepared.created,
@@ -339,18 +337,3 @@ def start_jobs(served: ServedModel, jobs: list[GenerationRequest]) -> list[Gener
         ) from None
     except EngineClosed:
         raise ModelUnavailableError("The server is shutting down.", code="draining") from None
-
-
-def sse_json(payload: dict[str, Any]) -> str:
-    return f"data: {json.dumps(payload)}\n\n"
-
-
-def failure(event: Failed, request_id: str) -> APIError:
-    """The error a failed generation answers with."""
-    if event.code == "kv_cache_full":
-        return ModelUnavailableError(
-            "The model's context memory is full with other requests; retry shortly.",
-            code="kv_cache_full",
-            retry_after_s=2,
-        )
-    return InternalServerError(request_id)

@@ -1,4 +1,5 @@
-"""Engine events of a chat request's choices → OpenAI responses and stream chunks.
+"""Engine events of a request's choices → OpenAI responses and stream chunks (chat; the
+event plumbing is shared with text completions).
 
 Each choice's text goes through its family's :class:`ReplyParser`, which splits reasoning
 (``reasoning_content``) from content and takes tool calls out of the text, so that call
@@ -9,11 +10,14 @@ text included), in order.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from server.engine.base import Failed, Finished, GenerationEvent, TextDelta, TokenLogprob
 from server.engine.worker import Generation
+from server.errors import APIError, InternalServerError, ModelUnavailableError
 from server.families.base import ContentDelta, ReplyEvent, ReplyParser, ToolCall
 from server.protocol import (
     Choice,
@@ -133,6 +137,46 @@ async def merged_events(
     finally:
         for task in tasks:
             task.cancel()
+
+
+async def run_to_end(
+    generations: list[Generation],
+    request_id: str,
+    on_event: Callable[[int, GenerationEvent], None],
+) -> list[Finished]:
+    """Drive every choice to its end, handing each event to ``on_event``; the choices'
+    ``Finished`` events in index order. The generations are cancelled on the way out.
+
+    Raises:
+        APIError: a choice failed (see :func:`failure`).
+    """
+    finished: dict[int, Finished] = {}
+    try:
+        async for index, event in merged_events(generations):
+            if isinstance(event, Failed):
+                raise failure(event, request_id)
+            if isinstance(event, Finished):
+                finished[index] = event
+            on_event(index, event)
+    finally:
+        for generation in generations:
+            generation.cancel()
+    return [finished[i] for i in range(len(generations))]
+
+
+def sse_json(payload: dict[str, Any]) -> str:
+    return f"data: {json.dumps(payload)}\n\n"
+
+
+def failure(event: Failed, request_id: str) -> APIError:
+    """The error a failed generation answers with."""
+    if event.code == "kv_cache_full":
+        return ModelUnavailableError(
+            "The model's context memory is full with other requests; retry shortly.",
+            code="kv_cache_full",
+            retry_after_s=2,
+        )
+    return InternalServerError(request_id)
 
 
 ChunkMaker = Callable[..., str]

@@ -14,11 +14,12 @@ from dataclasses import dataclass, field
 
 import anyio.to_thread
 
-from server.chat import failure, sse_json, start_jobs
-from server.chat_reply import merged_events, token_text, usage
+from server.chat import start_jobs
+from server.chat_reply import failure, merged_events, run_to_end, sse_json, token_text, usage
 from server.engine.base import (
     Failed,
     Finished,
+    GenerationEvent,
     GenerationRequest,
     PromptLogprobs,
     TextDelta,
@@ -235,21 +236,14 @@ class CompletionService:
         choices = self._choices(prepared)
         for choice in choices:
             choice.start()
-        finished: dict[int, Finished] = {}
-        try:
-            async for index, event in merged_events(generations):
-                if isinstance(event, TextDelta):
-                    choices[index].feed(event)
-                elif isinstance(event, PromptLogprobs):
-                    choices[index].prompt_logprobs(event)
-                elif isinstance(event, Finished):
-                    finished[index] = event
-                elif isinstance(event, Failed):
-                    raise failure(event, request_id)
-        finally:
-            for generation in generations:
-                generation.cancel()
-        ordered = [finished[i] for i in range(len(generations))]
+
+        def on_event(index: int, event: GenerationEvent) -> None:
+            if isinstance(event, TextDelta):
+                choices[index].feed(event)
+            elif isinstance(event, PromptLogprobs):
+                choices[index].prompt_logprobs(event)
+
+        ordered = await run_to_end(generations, request_id, on_event)
         n = len(prepared.jobs[0])
         return Completion(
             id=prepared.completion_id,

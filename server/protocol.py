@@ -158,41 +158,52 @@ def check_logit_bias(cls: type, value: dict[str, float] | None) -> dict[str, flo
     return value
 
 
-class ChatCompletionRequest(_Strict):
-    """Body of ``POST /v1/chat/completions``.
+class _GenerationFields(_Strict):
+    """Fields chat and text completions share: model, sampling, stops, streaming.
 
     Sampling fields left as ``None`` take the model's defaults from ``models.yaml``.
-    ``max_completion_tokens`` wins over the legacy ``max_tokens`` when both are set.
     """
 
-    messages: Annotated[list[ChatMessage], Field(min_length=1)]
     model: str
     frequency_penalty: Annotated[FiniteFloat, Field(ge=-2.0, le=2.0)] | None = None
     logit_bias: dict[str, Annotated[FiniteFloat, Field(ge=-100.0, le=100.0)]] | None = None
-    logprobs: bool | None = None
-    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
-    max_tokens: Annotated[int, Field(ge=1)] | None = None
-    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     n: Annotated[int, Field(ge=1, le=128)] | None = None
     presence_penalty: Annotated[FiniteFloat, Field(ge=-2.0, le=2.0)] | None = None
-    response_format: ResponseFormat | None = None
     seed: Annotated[int, Field(ge=-(2**63), lt=2**64)] | None = None
     stop: str | list[str] | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     temperature: Annotated[FiniteFloat, Field(ge=0.0, le=2.0)] | None = None
     top_p: Annotated[FiniteFloat, Field(ge=0.0, le=1.0)] | None = None
-    tools: Annotated[list[ToolDefinition], Field(max_length=128)] | None = None
-    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
-    parallel_tool_calls: bool | None = None
     user: str | None = None
-    metadata: dict[str, str] | None = None
-    store: bool | None = None
-    reasoning_effort: Literal["minimal", "low", "medium", "high"] | None = None
-    # llama.cpp / vLLM extensions
+    # llama.cpp extensions
     top_k: Annotated[int, Field(ge=0)] | None = None
     min_p: Annotated[FiniteFloat, Field(ge=0.0, le=1.0)] | None = None
     repeat_penalty: Annotated[FiniteFloat, Field(gt=0.0, le=10.0)] | None = None
+
+    _check_stop = field_validator("stop")(check_stop)
+    _check_logit_bias = field_validator("logit_bias")(check_logit_bias)
+
+
+class ChatCompletionRequest(_GenerationFields):
+    """Body of ``POST /v1/chat/completions``.
+
+    ``max_completion_tokens`` wins over the legacy ``max_tokens`` when both are set.
+    """
+
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    logprobs: bool | None = None
+    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    response_format: ResponseFormat | None = None
+    tools: Annotated[list[ToolDefinition], Field(max_length=128)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    reasoning_effort: Literal["minimal", "low", "medium", "high"] | None = None
+    # vLLM / llama.cpp extension
     chat_template_kwargs: dict[str, Any] | None = None
     # Accepted only to be refused by name (see server/refused.py).
     chat_template: Any = None
@@ -203,9 +214,6 @@ class ChatCompletionRequest(_Strict):
     prediction: Any = None
     web_search_options: Any = None
     service_tier: Any = None
-
-    _check_stop = field_validator("stop")(check_stop)
-    _check_logit_bias = field_validator("logit_bias")(check_logit_bias)
 
 
 # ---- responses -------------------------------------------------------------------------
@@ -340,7 +348,7 @@ class ChatCompletionChunk(BaseModel):
 # ---- /v1/completions -------------------------------------------------------------------
 
 
-class CompletionRequest(_Strict):
+class CompletionRequest(_GenerationFields):
     """Body of ``POST /v1/completions`` (OpenAI's legacy text completions).
 
     ``prompt`` is one text, a list of texts, token ids, or a list of token-id lists (``n``
@@ -348,7 +356,6 @@ class CompletionRequest(_Strict):
     ``max_tokens`` may be 0 with ``echo`` to score a prompt (lm-evaluation-harness).
     """
 
-    model: str
     prompt: (
         str
         | Annotated[list[str], Field(min_length=1, max_length=64)]
@@ -359,28 +366,11 @@ class CompletionRequest(_Strict):
         ]
     )
     echo: bool | None = False
-    frequency_penalty: Annotated[FiniteFloat, Field(ge=-2.0, le=2.0)] | None = None
-    logit_bias: dict[str, Annotated[FiniteFloat, Field(ge=-100.0, le=100.0)]] | None = None
     logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     max_tokens: Annotated[int, Field(ge=0)] | None = 16
-    n: Annotated[int, Field(ge=1, le=128)] | None = None
-    presence_penalty: Annotated[FiniteFloat, Field(ge=-2.0, le=2.0)] | None = None
-    seed: Annotated[int, Field(ge=-(2**63), lt=2**64)] | None = None
-    stop: str | list[str] | None = None
-    stream: bool | None = False
-    stream_options: StreamOptions | None = None
-    temperature: Annotated[FiniteFloat, Field(ge=0.0, le=2.0)] | None = None
-    top_p: Annotated[FiniteFloat, Field(ge=0.0, le=1.0)] | None = None
-    user: str | None = None
-    top_k: Annotated[int, Field(ge=0)] | None = None
-    min_p: Annotated[FiniteFloat, Field(ge=0.0, le=1.0)] | None = None
-    repeat_penalty: Annotated[FiniteFloat, Field(gt=0.0, le=10.0)] | None = None
     # Accepted only to be refused by name.
     suffix: Any = None
     best_of: Any = None
-
-    _check_stop = field_validator("stop")(check_stop)
-    _check_logit_bias = field_validator("logit_bias")(check_logit_bias)
 
 
 class CompletionLogprobs(BaseModel):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
@@ -12,15 +12,15 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import Receive
 
-from server.chat import ChatService
-from server.completions import CompletionService
 from server.embeddings import EmbeddingRequest
+from server.engine.worker import Generation
 from server.errors import InvalidRequestError, PayloadTooLargeError, UnsupportedMediaTypeError
 from server.metrics import metrics
 from server.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
 from server.registry import ModelRegistry, ModelState, ServedModel
 
 T = TypeVar("T")
+P = TypeVar("P")
 M = TypeVar("M", bound=BaseModel)
 
 JSON_TYPES = ("application/json", "text/json")
@@ -86,12 +86,32 @@ async def run_unless_disconnected(request: Request, work: Awaitable[T]) -> T | N
     return task.result()
 
 
-async def chat_completions(request: Request) -> Response:
-    state = request.app.state
+class GenerationService(Protocol[P]):
+    """What the chat and text completions services offer a route (``P``: their prepared
+    request)."""
+
+    async def prepare(self, body: Any, request_id: str) -> P: ...
+
+    def start(self, prepared: P) -> list[Generation]: ...
+
+    def stream(
+        self, prepared: P, generations: list[Generation], request_id: str
+    ) -> AsyncIterator[str]: ...
+
+    async def complete(
+        self, prepared: P, generations: list[Generation], request_id: str
+    ) -> BaseModel: ...
+
+
+async def generate(
+    request: Request,
+    service: GenerationService[Any],
+    model: type[ChatCompletionRequest] | type[CompletionRequest],
+) -> Response:
+    """Parse → prepare → queue → JSON or SSE, for chat and text completions."""
     request_id: str = request.state.request_id
-    raw = await read_body(request, state.settings.max_request_bytes)
-    body = parse_request(raw, ChatCompletionRequest)
-    service: ChatService = state.chat
+    raw = await read_body(request, request.app.state.settings.max_request_bytes)
+    body = parse_request(raw, model)
     prepared = await service.prepare(body, request_id)
     generations = service.start(prepared)
     if body.stream:
@@ -100,22 +120,14 @@ async def chat_completions(request: Request) -> Response:
         request, service.complete(prepared, generations, request_id)
     )
     return json_or_gone(completion)
+
+
+async def chat_completions(request: Request) -> Response:
+    return await generate(request, request.app.state.chat, ChatCompletionRequest)
 
 
 async def completions(request: Request) -> Response:
-    state = request.app.state
-    request_id: str = request.state.request_id
-    raw = await read_body(request, state.settings.max_request_bytes)
-    body = parse_request(raw, CompletionRequest)
-    service: CompletionService = state.completions
-    prepared = await service.prepare(body, request_id)
-    generations = service.start(prepared)
-    if body.stream:
-        return event_stream(service.stream(prepared, generations, request_id))
-    completion = await run_unless_disconnected(
-        request, service.complete(prepared, generations, request_id)
-    )
-    return json_or_gone(completion)
+    return await generate(request, request.app.state.completions, CompletionRequest)
 
 
 async def embeddings(request: Request) -> Response:

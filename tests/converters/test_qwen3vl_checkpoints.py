@@ -268,7 +268,11 @@ def test_convert_quantize_register_then_serve_images(
         [{"id": "qwen-dense"}, {"id": "qwen-moe"}], models_file=models, api_key=None
     )
     cards = httpx.get(f"{running.v1}/models", timeout=30).json()["data"]
-    assert {c["id"]: c["capabilities"] for c in cards}["qwen-moe"] == ["completion", "vision"]
+    assert {c["id"]: c["capabilities"] for c in cards}["qwen-moe"] == [
+        "completion",
+        "vision",
+        "tools",
+    ]
     for model in ("qwen-dense", "qwen-moe"):
         usage = []
         picture = {"type": "image_url", "image_url": {"url": data_uri(png((200, 9, 9), (128, 96)))}}

@@ -146,7 +146,7 @@ def test_models_endpoint_lists_model(client: openai.OpenAI) -> None:
     models = client.models.list()
     assert [m.id for m in models.data] == [MODEL]
     assert models.data[0].object == "model"
-    assert models.data[0].model_extra == {"capabilities": ["completion"]}
+    assert models.data[0].model_extra == {"capabilities": ["completion", "tools"]}
 
 
 def test_default_alias_serves_default_model(client: openai.OpenAI) -> None:

@@ -59,16 +59,22 @@ def check_calls(calls: Any) -> list[tuple[str, dict[str, Any]]]:
     return out
 
 
+def forced(**overrides: Any) -> dict[str, Any]:
+    """Request arguments: the weather question, one forced call, greedy (overridable)."""
+    return {
+        "model": MODEL,
+        "messages": ASK,
+        "tools": [WEATHER],
+        "tool_choice": "required",
+        "parallel_tool_calls": False,
+        "max_tokens": 96,
+        "temperature": 0,
+        **overrides,
+    }
+
+
 def test_required_tool_call(client: openai.OpenAI) -> None:
-    response = client.chat.completions.create(
-        model=MODEL,
-        messages=ASK,  # type: ignore[arg-type]
-        tools=[WEATHER],  # type: ignore[list-item]
-        tool_choice="required",
-        parallel_tool_calls=False,
-        max_tokens=96,
-        temperature=0,
-    )
+    response = client.chat.completions.create(**forced())
     choice = response.choices[0]
     assert choice.finish_reason == "tool_calls"
     assert choice.message.content is None
@@ -77,15 +83,7 @@ def test_required_tool_call(client: openai.OpenAI) -> None:
 
 
 def test_required_tool_call_streamed_rebuilds_in_the_sdk(client: openai.OpenAI) -> None:
-    with client.chat.completions.stream(
-        model=MODEL,
-        messages=ASK,  # type: ignore[arg-type]
-        tools=[WEATHER],  # type: ignore[list-item]
-        tool_choice="required",
-        parallel_tool_calls=False,
-        max_tokens=96,
-        temperature=0,
-    ) as stream:
+    with client.chat.completions.stream(**forced()) as stream:
         for _ in stream:
             pass
         final = stream.get_final_completion()
@@ -96,16 +94,7 @@ def test_required_tool_call_streamed_rebuilds_in_the_sdk(client: openai.OpenAI) 
 
 
 def test_stream_deltas_have_openai_shape(http: httpx.Client) -> None:
-    body = {
-        "model": MODEL,
-        "messages": ASK,
-        "tools": [WEATHER],
-        "tool_choice": "required",
-        "parallel_tool_calls": False,
-        "max_tokens": 96,
-        "temperature": 0,
-        "stream": True,
-    }
+    body = forced(stream=True)
     calls: list[dict[str, Any]] = []
     content = ""
     with http.stream("POST", "/v1/chat/completions", json=body) as response:
@@ -126,13 +115,7 @@ def test_stream_deltas_have_openai_shape(http: httpx.Client) -> None:
 
 def test_parallel_calls_with_two_tools(client: openai.OpenAI) -> None:
     response = client.chat.completions.create(
-        model=MODEL,
-        messages=ASK,  # type: ignore[arg-type]
-        tools=[WEATHER, TIME],  # type: ignore[list-item]
-        tool_choice="required",
-        parallel_tool_calls=True,
-        max_tokens=160,
-        temperature=0,
+        **forced(tools=[WEATHER, TIME], parallel_tool_calls=True, max_tokens=160)
     )
     calls = check_calls(response.choices[0].message.tool_calls)
     assert {name for name, _ in calls} <= {"get_weather", "get_time"}
@@ -143,28 +126,13 @@ def test_parallel_calls_with_two_tools(client: openai.OpenAI) -> None:
 
 
 def test_parallel_tool_calls_false_gives_one_call(client: openai.OpenAI) -> None:
-    response = client.chat.completions.create(
-        model=MODEL,
-        messages=ASK,  # type: ignore[arg-type]
-        tools=[WEATHER, TIME],  # type: ignore[list-item]
-        tool_choice="required",
-        parallel_tool_calls=False,
-        max_tokens=96,
-        temperature=0,
-    )
+    response = client.chat.completions.create(**forced(tools=[WEATHER, TIME]))
     assert len(check_calls(response.choices[0].message.tool_calls)) == 1
 
 
 def test_named_tool_choice_is_obeyed(client: openai.OpenAI) -> None:
-    response = client.chat.completions.create(
-        model=MODEL,
-        messages=ASK,  # type: ignore[arg-type]
-        tools=[WEATHER, TIME],  # type: ignore[list-item]
-        tool_choice={"type": "function", "function": {"name": "get_time"}},
-        parallel_tool_calls=False,
-        max_tokens=96,
-        temperature=0,
-    )
+    named = {"type": "function", "function": {"name": "get_time"}}
+    response = client.chat.completions.create(**forced(tools=[WEATHER, TIME], tool_choice=named))
     [(name, arguments)] = check_calls(response.choices[0].message.tool_calls)
     assert name == "get_time" and isinstance(arguments["timezone"], str)
 
@@ -173,12 +141,7 @@ def test_named_tool_choice_is_obeyed(client: openai.OpenAI) -> None:
 def test_auto_calls_are_valid_whenever_made(client: openai.OpenAI, seed: int) -> None:
     """With ``auto`` the model may answer in prose; any call it opens is constrained."""
     response = client.chat.completions.create(
-        model=MODEL,
-        messages=ASK,  # type: ignore[arg-type]
-        tools=[WEATHER, TIME],  # type: ignore[list-item]
-        max_tokens=96,
-        temperature=0.8,
-        seed=seed,
+        **forced(tools=[WEATHER, TIME], tool_choice="auto", temperature=0.8, seed=seed)
     )
     choice = response.choices[0]
     if choice.message.tool_calls:
@@ -189,15 +152,7 @@ def test_auto_calls_are_valid_whenever_made(client: openai.OpenAI, seed: int) ->
 
 
 def test_tool_result_round_trip(client: openai.OpenAI) -> None:
-    first = client.chat.completions.create(
-        model=MODEL,
-        messages=ASK,  # type: ignore[arg-type]
-        tools=[WEATHER],  # type: ignore[list-item]
-        tool_choice="required",
-        parallel_tool_calls=False,
-        max_tokens=96,
-        temperature=0,
-    )
+    first = client.chat.completions.create(**forced())
     message = first.choices[0].message
     call = message.tool_calls[0]  # type: ignore[index]
     history = [
@@ -206,11 +161,7 @@ def test_tool_result_round_trip(client: openai.OpenAI) -> None:
         {"role": "tool", "tool_call_id": call.id, "content": '{"temperature_c": 18}'},
     ]
     second = client.chat.completions.create(
-        model=MODEL,
-        messages=history,  # type: ignore[arg-type]
-        tools=[WEATHER],  # type: ignore[list-item]
-        max_tokens=48,
-        temperature=0,
+        **forced(messages=history, tool_choice="auto", max_tokens=48)
     )
     choice = second.choices[0]
     if choice.message.tool_calls:
