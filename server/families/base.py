@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Set
 from dataclasses import dataclass
 from typing import Any
 
-from server.families.reasoning import ChannelSplitter
+from server.families.reasoning import Channel, ChannelSplitter
 
 
 @dataclass(frozen=True)
@@ -111,14 +111,19 @@ class Family(ABC):
 
 
 class _Trimmed:
-    """Emits one channel's text stripped at both ends, without looking ahead."""
+    """Emits one channel's text stripped at both ends, without looking ahead; with
+    ``trim`` False (a plain reply: no tools, no reasoning) the text passes as it is, so
+    plain chat keeps OpenAI's exact text and streaming granularity."""
 
     def __init__(self, make: Callable[[str], ReplyEvent]):
         self._make = make
         self._space = ""
         self._started = False
+        self.trim = True
 
     def push(self, text: str) -> list[ReplyEvent]:
+        if not self.trim:
+            return [self._make(text)] if text else []
         text = self._space + text
         body = text.rstrip()
         self._space = text[len(body) :]
@@ -157,8 +162,13 @@ class ReplyParser:
         """Deltas for ``text`` (a chunk of output), possibly empty."""
         events: list[ReplyEvent] = []
         for channel, piece in self._splitter.feed(text):
-            events += self._out[channel].push(piece)
+            events += self._push(channel, piece)
         return events
+
+    def _push(self, channel: Channel, text: str) -> list[ReplyEvent]:
+        # Content is trimmed only where tools or reasoning were in play.
+        self._out["content"].trim = bool(self._tools) or self._splitter.reasoned
+        return self._out[channel].push(text)
 
     def finish(self) -> tuple[list[ReplyEvent], list[ToolCall]]:
         """The last deltas and every tool call, at the end of output. Call once."""
@@ -169,7 +179,7 @@ class ReplyParser:
             calls += found
             content, found = self._family.parse_calls(content, self._tools)
             calls += found
-        events = self._out["reasoning"].push(reasoning) + self._out["content"].push(content)
+        events = self._push("reasoning", reasoning) + self._push("content", content)
         return events, unique_calls(calls)
 
 

@@ -93,6 +93,8 @@ class ChannelSplitter:
 
     def __init__(self, reasoning_open: bool, openers: Sequence[str]):
         self.channel: Channel | None = "reasoning" if reasoning_open else None
+        # Whether the output had a reasoning part (open in the prompt or a leading <think>).
+        self.reasoned = reasoning_open
         self.stopped = False
         self._markers = (THINK_CLOSE, *openers)
         self._tail = ""
@@ -137,6 +139,7 @@ class ChannelSplitter:
             return False
         if head.startswith(THINK_OPEN):
             self.channel = "reasoning"
+            self.reasoned = True
             self._tail = head[len(THINK_OPEN) :]
         else:
             self.channel = "content"

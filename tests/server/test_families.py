@@ -562,3 +562,15 @@ def test_templates_render_like_transformers() -> None:
                 eos_token="",
             )
             assert template(name, bos).render(TOOL_CONVERSATION, tools=tools) == hf
+
+
+def test_plain_reply_passes_through_untouched() -> None:
+    """No tools, no reasoning: content keeps its exact text, whitespace included, and each
+    chunk comes out as it went in (OpenAI's plain chat)."""
+    text = "  Hello there.\n\nBye "
+    parser = ReplyParser(GEMMA, set(), reasoning_open=False)
+    events = [e for chunk in ("  Hel", "lo there.\n", "\nBye ") for e in parser.feed(chunk)]
+    events += parser.finish()[0]
+    assert [e.text for e in events] == ["  Hel", "lo there.\n", "\nBye "]
+    assert all(isinstance(e, ContentDelta) for e in events)
+    assert "".join(e.text for e in events) == text
