@@ -98,7 +98,7 @@ class ChoiceText:
         self.add(self.parser.feed(delta.text))
 
     def choice(self, index: int, finished: Finished) -> Choice:
-        events, calls = self.parser.finish()
+        events, calls = self.parser.finish(truncated=finished.finish_reason == "length")
         self.add(events)
         content = "".join(self.content)
         reasoning = "".join(self.reasoning)
@@ -210,7 +210,7 @@ class ChoiceStream:
         ]
 
     def finish(self, finished: Finished) -> list[str]:
-        events, calls = self.parser.finish()
+        events, calls = self.parser.finish(truncated=finished.finish_reason == "length")
         out = [self.make(_delta(event), index=self.index) for event in events]
         for k, call in enumerate(calls):
             # OpenAI's shape: id, type and name first with empty arguments, then the text.

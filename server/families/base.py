@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Set
 from dataclasses import dataclass
 from typing import Any
 
-from server.families.reasoning import Channel, ChannelSplitter
+from server.families.reasoning import Channel, ChannelSplitter, find_marker
 
 
 @dataclass(frozen=True)
@@ -170,8 +170,12 @@ class ReplyParser:
         self._out["content"].trim = bool(self._tools) or self._splitter.reasoned
         return self._out[channel].push(text)
 
-    def finish(self) -> tuple[list[ReplyEvent], list[ToolCall]]:
-        """The last deltas and every tool call, at the end of output. Call once."""
+    def finish(self, truncated: bool = False) -> tuple[list[ReplyEvent], list[ToolCall]]:
+        """The last deltas and every tool call, at the end of output. Call once.
+
+        ``truncated``: the output was cut (``max_tokens``); a call left unfinished there
+        is dropped from the text rather than returned as content.
+        """
         reasoning, content = self._splitter.finish()
         calls: list[ToolCall] = []
         if self._family is not None and self._tools:
@@ -179,6 +183,10 @@ class ReplyParser:
             calls += found
             content, found = self._family.parse_calls(content, self._tools)
             calls += found
+            if truncated:
+                markers = self._family.opener_markers(self._tools)
+                reasoning = reasoning[: find_marker(reasoning, markers)[0]]
+                content = content[: find_marker(content, markers)[0]]
         events = self._push("reasoning", reasoning) + self._push("content", content)
         return events, unique_calls(calls)
 

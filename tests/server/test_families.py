@@ -574,3 +574,18 @@ def test_plain_reply_passes_through_untouched() -> None:
     assert [e.text for e in events] == ["  Hel", "lo there.\n", "\nBye "]
     assert all(isinstance(e, ContentDelta) for e in events)
     assert "".join(e.text for e in events) == text
+
+
+@pytest.mark.parametrize(
+    ("family", "text"),
+    [
+        (GEMMA, 'Sure.\n{"name": "get_weather", "parameters": {"city": "Par'),
+        (QWEN, 'Sure.\n<tool_call>\n{"name": "get_weather", "arguments": {"ci'),
+    ],
+)
+def test_a_call_cut_by_max_tokens_never_reaches_content(family: Family, text: str) -> None:
+    parser = ReplyParser(family, TOOLS, reasoning_open=False)
+    events = parser.feed(text)
+    more, calls = parser.finish(truncated=True)
+    assert calls == []
+    assert "".join(e.text for e in events + more) == "Sure."
