@@ -243,6 +243,7 @@ class Scheduler:
                 head = self._waiting[0]
                 if head.cancelled:
                     self._waiting.popleft()
+                    head.prompt_cached = True  # its followers must not wait on it
                     continue
                 if not free or self._closed:
                     return

@@ -27,6 +27,7 @@ import httpx
 import jsonschema
 
 from tests.conftest import NO_EOG, model_entry, start_server
+from tests.e2e.test_tools import TIME, WEATHER
 
 # minLength keeps the grammar running for the whole reply (the model would close the
 # string after a few words, and a short reply measures request overhead, not decoding).
@@ -52,33 +53,6 @@ MODES: dict[str, dict[str, Any]] = {
 }
 
 
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "parameters": {
-            "type": "object",
-            "properties": {
-                "city": {"type": "string"},
-                "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
-            },
-            "required": ["city", "unit"],
-            "additionalProperties": False,
-        },
-    },
-}
-TIME = {
-    "type": "function",
-    "function": {
-        "name": "get_time",
-        "parameters": {
-            "type": "object",
-            "properties": {"timezone": {"type": "string"}},
-            "required": ["timezone"],
-            "additionalProperties": False,
-        },
-    },
-}
 QUESTIONS = [
     "What is the weather in Paris?",
     "Is it raining in Berlin right now?",
