@@ -98,16 +98,18 @@ def converters_for(ckpt: Checkpoint) -> tuple[Converter, Converter | None]:
 
 
 def metadata_writer(
-    converter: Converter, ckpt: Checkpoint, name: str, source: str
+    converter: Converter, ckpt: Checkpoint, name: str, source: str, gguf_type: str
 ) -> Callable[[gguf.GGUFWriter], None]:
-    """general.* (name, basename, size label, license, source repo from the model card)
-    followed by the converter's hparams."""
+    """general.type (``gguf.GGUFType.MODEL`` or ``MMPROJ``, as llama.cpp's
+    convert_hf_to_gguf.py writes it), general.* (name, basename, size label, license,
+    source repo from the model card), then the converter's hparams."""
     n_params = sum(math.prod(r.shape) for r in converter.claimed())
     meta = gguf.Metadata.load(None, ckpt.root, name, n_params)
     if meta.source_repo_url is None and source.count("/") == 1 and not Path(source).exists():
         meta.source_repo_url = f"https://huggingface.co/{source}"
 
     def write(writer: gguf.GGUFWriter) -> None:
+        writer.add_type(gguf_type)
         meta.set_gguf_meta_model(writer)
         converter.set_gguf_parameters(writer)
 
@@ -174,15 +176,17 @@ def convert(
         if path is not None:
             check_output(path, force)
     result = ConversionResult(name=name, text=text_path, mmproj=mmproj_path)
-    outputs = [("text", text_path, text, text_plan, outtype)]
+    outputs = [("text", text_path, text, text_plan, outtype, gguf.GGUFType.MODEL)]
     if vision is not None and mmproj_path is not None:
-        outputs.append(("mmproj", mmproj_path, vision, vision_plan, mmproj_type))
-    for label, path, converter, plan, otype in outputs:
+        outputs.append(
+            ("mmproj", mmproj_path, vision, vision_plan, mmproj_type, gguf.GGUFType.MMPROJ)
+        )
+    for label, path, converter, plan, otype, gguf_type in outputs:
         mark = time.monotonic()
         write_gguf(
             path,
             converter.gguf_arch,
-            metadata_writer(converter, ckpt, name, source),
+            metadata_writer(converter, ckpt, name, source, gguf_type),
             plan,
             otype,
             force=force,

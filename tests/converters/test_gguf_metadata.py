@@ -35,6 +35,7 @@ def test_text_hparams_and_vocab(converted: dict[str, ConversionResult]) -> None:
     f = fields(converted["text-f32"].text)
     c = TEXT_CONFIG
     assert f["general.architecture"] == "gemma3"
+    assert f["general.type"] == "model"  # as llama.cpp's convert_hf_to_gguf.py writes
     expected = {
         "gemma3.context_length": c["max_position_embeddings"],
         "gemma3.embedding_length": c["hidden_size"],
@@ -98,6 +99,7 @@ def test_mmproj_keys_and_tensors(converted: dict[str, ConversionResult]) -> None
     v = VISION_CONFIG
     expected = {
         "general.architecture": "clip",
+        "general.type": "mmproj",
         "clip.projector_type": "gemma3",
         "clip.has_vision_encoder": True,
         "clip.vision.image_size": v["image_size"],
