@@ -173,10 +173,11 @@ class ChatService:
                     param="response_format" if not selection.callable else "tools",
                 ) from None
         want_logprobs = bool(body.logprobs)
+        samplings = sampling_params(body, served, n_choices)
         job = GenerationRequest(
             prompt_tokens=prompt,
             max_tokens=max_tokens or n_ctx - n_prompt,
-            sampling=sampling_params(body, served)[0],
+            sampling=samplings[0],
             stop=list(body.stop or []),
             media=media,
             grammar=grammar,
@@ -184,7 +185,7 @@ class ChatService:
         )
         return PreparedChat(
             served=served,
-            jobs=[replace(job, sampling=s) for s in sampling_params(body, served, n_choices)],
+            jobs=[replace(job, sampling=s) for s in samplings],
             selection=selection,
             reasoning_open=reasoning_open,
             completion_id=f"chatcmpl-{request_id}",

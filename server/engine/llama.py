@@ -121,7 +121,7 @@ class LlamaEngine:
             ),
             start=self._start,
             piece=self._piece,
-            shown_piece=lambda token: self._piece(token, special=True),
+            shown_piece=self._shown_piece,
             is_eog=lambda token: bool(llama_cpp.llama_vocab_is_eog(self._vocab, token)),
             decode_image=self._decode_image,
             stats=self.stats,
@@ -256,7 +256,7 @@ class LlamaEngine:
                 self._vocab,
                 self.info.n_vocab,
                 request.grammar,
-                piece=lambda token: self._piece(token, special=True),
+                piece=self._shown_piece,
                 tokenize=self.tokenize,
             ),
             scanner=StopScanner(request.stop),
@@ -285,7 +285,11 @@ class LlamaEngine:
             self._pieces[(token, special)] = piece
         return piece
 
+    def _shown_piece(self, token: int) -> bytes:
+        """A token's text as logprobs and grammar triggers show it (specials included)."""
+        return self._piece(token, special=True)
+
     def token_bytes(self, tokens: list[int]) -> bytes:
         """The text bytes of token ids (special tokens as their text), for echoing a
         token-id prompt."""
-        return b"".join(self._piece(token, special=True) for token in tokens)
+        return b"".join(self._shown_piece(token) for token in tokens)
