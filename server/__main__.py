@@ -1,10 +1,12 @@
 """``ggufserve`` command line: ``ggufserve serve [--models FILE] [--model ID] ...``,
 ``ggufserve doctor [--models FILE] [--model ID] [--no-smoke]``;
+``ggufserve run / chat / pull / ls / rm / ps`` (the model store and the terminal chat);
 ``ggufserve convert`` and ``ggufserve quantize`` are handed to ``converters``.
 
 Flags override ``GGUFSERVE_*`` environment variables, which override the defaults.
-Exit codes: 0 after a clean shutdown, 2 for a usage or models-file error, 3 when the
-installed llama.cpp crashes on a tiny generation (``doctor`` shows the same check).
+Exit codes: 0 after a clean shutdown, 1 when a store command fails (one line says why),
+2 for a usage or models-file error, 3 when the installed llama.cpp crashes on a tiny
+generation (``doctor`` shows the same check), 130 after Ctrl-C outside a chat.
 """
 
 from __future__ import annotations
@@ -16,10 +18,19 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from server.settings import ModelEntry, ModelsFileError, ServerSettings, load_models_file
+from server.settings import (
+    ModelEntry,
+    ModelsFile,
+    ModelsFileError,
+    ServerSettings,
+    load_models_file,
+)
+from server.store import ModelStore
 
+EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_BROKEN_BUILD = 3
+EXIT_INTERRUPTED = 130
 
 
 class LibraryCrashError(Exception):
@@ -52,6 +63,31 @@ def _parser() -> argparse.ArgumentParser:
         help="allow browser requests from this origin (repeatable; '*' for any)",
     )
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    serve.add_argument(
+        "--no-webui",
+        dest="webui",
+        action="store_false",
+        default=None,
+        help="do not serve the browser chat page at / (or GGUFSERVE_WEBUI=false)",
+    )
+    serve.add_argument(
+        "--keep-alive",
+        metavar="DURATION",
+        help="idle time before an on-demand model unloads: '5m', '1h', seconds, -1 = never "
+        "(default 5m)",
+    )
+    serve.add_argument(
+        "--max-memory",
+        metavar="SIZE",
+        help="memory budget of the loaded models, e.g. '8GiB' (default: unbounded)",
+    )
+    serve.add_argument(
+        "--load-timeout",
+        dest="load_timeout_s",
+        type=float,
+        metavar="SECONDS",
+        help="longest a request waits for its model to load before a 503 (default 120)",
+    )
     doctor = commands.add_parser(
         "doctor", help="show llama.cpp's build and check that it generates on this machine"
     )
@@ -63,7 +99,42 @@ def _parser() -> argparse.ArgumentParser:
     doctor.add_argument(
         "--no-smoke", dest="smoke", action="store_false", help="skip the test generation"
     )
+    _add_store_commands(commands)
     return parser
+
+
+def _add_store_commands(commands: Any) -> None:
+    """run / chat / pull / ls / rm / ps (the model store and the terminal chat)."""
+    from server.pull import DEFAULT_QUANT
+
+    run = commands.add_parser("run", help="pull a model if needed, then chat with it")
+    pull = commands.add_parser("pull", help="convert / quantize / download into the store")
+    for sub in (run, pull):
+        sub.add_argument(
+            "source", help="HF repo id, checkpoint folder, GGUF file or stored model id"
+        )
+        sub.add_argument(
+            "--quant", type=str.upper, default=DEFAULT_QUANT, help="llama.cpp type (Q4_K_M)"
+        )
+        sub.add_argument(
+            "--no-report", dest="report", action="store_false", help="skip the quality report"
+        )
+    chat = commands.add_parser("chat", help="chat with a model of a running server")
+    chat.add_argument("--url", default="http://127.0.0.1:8080", help="the server's base URL")
+    chat.add_argument("--model", help="model id (default: the server's first)")
+    for sub in (run, chat):
+        sub.add_argument("prompt", nargs="*", help="answer this once and exit (or pipe stdin)")
+        sub.add_argument("--image", action="append", type=Path, metavar="PATH")
+        sub.add_argument("--system", help="system prompt")
+        sub.add_argument("--max-tokens", type=int, help="bound of each reply, in tokens")
+    run.add_argument("--n-ctx", type=int, help="context size in tokens (default 8192)")
+    commands.add_parser("ls", help="list the models in the store")
+    rm = commands.add_parser("rm", help="remove models from the store")
+    rm.add_argument("ids", nargs="+", metavar="ID")
+    ps = commands.add_parser("ps", help="models loaded in a running server")
+    ps.add_argument("--url", default="http://127.0.0.1:8080", help="the server's base URL")
+    for sub in (chat, ps):
+        sub.add_argument("--api-key", help="the server's API key (or GGUFSERVE_API_KEY)")
 
 
 def _settings(args: argparse.Namespace) -> ServerSettings:
@@ -86,6 +157,21 @@ def _entries(settings: ServerSettings) -> list[ModelEntry]:
     return [models_file.entry(model_id) for model_id in ids]
 
 
+def _entry(models_file: ModelsFile, model_id: str, store: ModelStore) -> ModelEntry:
+    """The models.yaml entry with this id, else the store's.
+
+    Raises:
+        ModelsFileError: neither has it.
+    """
+    try:
+        return models_file.entry(model_id)
+    except ModelsFileError:
+        record = store.find(model_id)
+        if record is None:
+            raise
+        return record.model_entry()
+
+
 def serve(settings: ServerSettings) -> int:
     """Validate the models file, then run uvicorn until SIGINT/SIGTERM.
 
@@ -99,20 +185,23 @@ def serve(settings: ServerSettings) -> int:
     from server.model_files import check_local
     from server.registry import ModelRegistry
 
-    entries = _entries(settings)
+    store = ModelStore()
+    models_file = load_models_file(settings.models_file)
+    # --model ids name models.yaml entries first, then the store's.
+    preload = settings.models or [models_file.default_id]
+    known = {entry.id for entry in models_file.models}
+    entries = [_entry(models_file, i, store) for i in preload]
     base_dir = settings.models_file.resolve().parent
     for entry in entries:
-        check_local(entry.gguf, base_dir, f"entry '{entry.id}': key 'gguf.path'")
-        if entry.mmproj is not None:
+        if entry.id in known:
+            check_local(entry.gguf, base_dir, f"entry '{entry.id}': key 'gguf.path'")
+        if entry.mmproj is not None and entry.id in known:
             check_local(entry.mmproj, base_dir, f"entry '{entry.id}': key 'mmproj.path'")
     _log_build()
-    if settings.startup_check:
-        from server.native.startup_check import check_library
-
-        failed = check_library()
-        if failed is not None:
-            raise LibraryCrashError(failed.summary)
-    app = create_app(settings, ModelRegistry(entries, base_dir, settings))
+    _check_build(settings)
+    # Every models.yaml and store entry is available; the --model ones load at start-up.
+    registry = ModelRegistry(models_file.models, base_dir, settings, catalog=store, preload=preload)
+    app = create_app(settings, registry)
     # uvicorn re-raises SIGINT/SIGTERM once its graceful shutdown is done; that shutdown
     # was clean, so the handler it lands on exits 0.
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -127,11 +216,54 @@ def serve(settings: ServerSettings) -> int:
     return 0
 
 
+def _check_build(settings: ServerSettings) -> None:
+    """The start-up check (a tiny generation in a child process, once per build).
+
+    Raises:
+        LibraryCrashError: it crashed (e.g. SIGILL).
+    """
+    if settings.startup_check:
+        from server.native.startup_check import check_library
+
+        failed = check_library()
+        if failed is not None:
+            raise LibraryCrashError(failed.summary)
+
+
 def _log_build() -> None:
     """One log line: llama.cpp's backends, compiled-in CPU features, AMX, GPU offload."""
     from server.native.sysinfo import system_info
 
     logging.getLogger("ggufserve").info("%s", system_info().summary())
+
+
+def _store_command(args: argparse.Namespace, settings: ServerSettings) -> int:
+    """run / chat / pull / ls / rm / ps; their named errors end as one line, exit 1."""
+    from server import store_cli
+    from server.pull import PullError
+    from server.run import RunError, chat_command, run_command
+    from server.store import StoreError
+
+    store = ModelStore()
+    try:
+        if args.command == "run":
+            _check_build(settings)
+            return run_command(args, settings)
+        if args.command == "chat":
+            return chat_command(args, settings.api_key)
+        if args.command == "pull":
+            return store_cli.pull_command(store, args)
+        if args.command == "ls":
+            return store_cli.ls_command(store)
+        if args.command == "rm":
+            return store_cli.rm_command(store, args.ids)
+        return store_cli.ps_command(args.url, settings.api_key)
+    except (PullError, StoreError, RunError) as exc:
+        print(f"ggufserve: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print("\nggufserve: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 def _exit_cleanly(signum: int, frame: object) -> None:
@@ -145,9 +277,17 @@ def main(argv: list[str] | None = None) -> int:
         from converters.__main__ import main as converters_main
 
         return converters_main(argv)
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    # argparse gives positionals after an option back as extras: the prompt's later words.
+    if extra and (args.command not in ("run", "chat") or any(a.startswith("-") for a in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.prompt = [*args.prompt, *extra]
+    # The terminal commands keep the screen for the conversation: warnings only.
+    quiet = args.command in ("run", "chat", "pull", "ls", "rm", "ps")
     logging.basicConfig(
-        level=(getattr(args, "log_level", None) or "info").upper(),
+        level=(getattr(args, "log_level", None) or ("warning" if quiet else "info")).upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
@@ -157,6 +297,8 @@ def main(argv: list[str] | None = None) -> int:
 
             base_dir = settings.models_file.resolve().parent
             return doctor(_entries(settings), base_dir, smoke=args.smoke)
+        if quiet:
+            return _store_command(args, settings)
         return serve(settings)
     except ModelsFileError as exc:
         print(f"ggufserve: error: {exc}", file=sys.stderr)

@@ -25,6 +25,7 @@ from pydantic import (
 
 from server.engine.embedding import EmbeddingEngine
 from server.errors import ContextLengthExceededError, InvalidRequestError
+from server.protocol import KeepAlive
 
 EmbeddingInput = str | list[str] | list[int] | list[list[int]]
 
@@ -38,6 +39,7 @@ class EmbeddingRequest(_Strict):
 
     ``input`` is one text, a list of texts, one list of token ids, or a list of them.
     ``encoding_format`` None means ``"float"``. ``user`` is accepted and ignored.
+    ``keep_alive`` (Ollama's) sets how long the model stays loaded once idle.
     """
 
     input: EmbeddingInput
@@ -45,6 +47,7 @@ class EmbeddingRequest(_Strict):
     dimensions: Annotated[int, Field(ge=1)] | None = None
     encoding_format: Literal["float", "base64"] | None = None
     user: str | None = None
+    keep_alive: KeepAlive = None
 
     @field_validator("input", mode="wrap")
     @classmethod

@@ -130,7 +130,9 @@ class QueueFullError(APIError):
 
 
 class ModelUnavailableError(APIError):
-    """503: the model is still loading, failed to load, or the server is shutting down."""
+    """503: the model is still loading (``model_loading``), failed to load
+    (``model_load_failed``), does not fit the memory budget (subclasses below), or the
+    server is shutting down (``draining``)."""
 
     status_code = 503
     error_type = "server_error"
@@ -141,6 +143,25 @@ class ModelUnavailableError(APIError):
 
     def headers(self) -> dict[str, str]:
         return {"Retry-After": str(self.retry_after_s)}
+
+
+class ModelTooLargeError(ModelUnavailableError):
+    """503 ``model_too_large``: the model's memory estimate exceeds ``--max-memory`` on its
+    own, so it can never load here (no ``Retry-After``: retrying cannot help)."""
+
+    def __init__(self, message: str):
+        super().__init__(message, code="model_too_large")
+
+    def headers(self) -> dict[str, str]:
+        return {}
+
+
+class InsufficientMemoryError(ModelUnavailableError):
+    """503 ``insufficient_memory``: the model fits the budget, but models busy with
+    requests hold the rest of it; retry once they go idle."""
+
+    def __init__(self, message: str, *, retry_after_s: int = 10):
+        super().__init__(message, code="insufficient_memory", retry_after_s=retry_after_s)
 
 
 class InternalServerError(APIError):

@@ -1,4 +1,5 @@
-"""``GET /metrics``: Prometheus counters read from each engine at scrape time."""
+"""``GET /metrics``: Prometheus counters read from each loaded engine and from the model
+registry (loads, unloads, memory) at scrape time."""
 
 from __future__ import annotations
 
@@ -78,7 +79,7 @@ class EngineCollector(Collector):
         self._models = models
 
     def collect(self) -> Iterator[Metric]:
-        engines = [(m.id, m.engine) for m in self._models.models() if m.engine is not None]
+        engines = [(m.id, m.engine) for m in self._models.loaded() if m.engine is not None]
 
         def per_model(family: Any, value: Callable[[LlamaEngine], tuple[Any, ...]]) -> Metric:
             for model_id, engine in engines:
@@ -106,10 +107,48 @@ class EngineCollector(Collector):
             )
 
 
+class LifecycleCollector(Collector):
+    """Loaded models, their estimated memory, and load / unload counts."""
+
+    def __init__(self, models: ModelRegistry):
+        self._models = models
+
+    def collect(self) -> Iterator[Metric]:
+        loaded = self._models.loaded()
+        with self._models.lock:
+            stats = dict(self._models.stats)
+        yield GaugeMetricFamily("ggufserve_models_loaded", "Models loaded now.", value=len(loaded))
+        memory = GaugeMetricFamily(
+            "ggufserve_model_memory_bytes",
+            "Estimated memory of each loaded model (GGUF + mmproj + KV cache).",
+            labels=["model"],
+        )
+        for served in loaded:
+            memory.add_metric([served.id], served.memory_bytes or 0)
+        yield memory
+        yield CounterMetricFamily(
+            "ggufserve_model_loads", "Models loaded.", value=stats.get("loads", 0)
+        )
+        yield CounterMetricFamily(
+            "ggufserve_model_load_failures",
+            "Model loads that failed.",
+            value=stats.get("load_failures", 0),
+        )
+        unloads = CounterMetricFamily(
+            "ggufserve_model_unloads",
+            "Models unloaded, by reason (keep_alive, memory, shutdown).",
+            labels=["reason"],
+        )
+        for reason in ("keep_alive", "memory", "shutdown"):
+            unloads.add_metric([reason], stats.get(f"unloads_{reason}", 0))
+        yield unloads
+
+
 def metrics_registry(models: ModelRegistry) -> CollectorRegistry:
     """A registry of this app's own (no process-global default registry)."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(EngineCollector(models))
+    registry.register(LifecycleCollector(models))
     return registry
 
 

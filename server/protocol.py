@@ -11,15 +11,77 @@ This module imports nothing of ours.
 
 from __future__ import annotations
 
+import math
+import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_serializer,
+)
 
 MAX_STOP_SEQUENCES = 16
 MAX_STOP_SEQUENCE_CHARS = 512
 MAX_LOGIT_BIAS_ENTRIES = 1024
 
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+
+# ---- keep_alive (Ollama's field) -----------------------------------------------------
+
+# keep_alive of a model never unloaded for idleness (any negative value means it).
+FOREVER = -1.0
+_DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
+_KEEP_ALIVE_HELP = (
+    "keep_alive must be seconds (a number), a duration such as '30s', '5m', '1h' or "
+    "'1h30m', or -1 to keep the model loaded"
+)
+
+
+def keep_alive_seconds(value: Any) -> float:
+    """Ollama's ``keep_alive`` → seconds (:data:`FOREVER` for any negative value).
+
+    Accepts a number of seconds (int or float), a numeric string (seconds) or a Go-style
+    duration string (``"30s"``, ``"5m"``, ``"1h30m"``, ``"500ms"``, ``"-1m"``); ``0``
+    unloads the model as soon as it is idle.
+
+    Raises:
+        ValueError: anything else (booleans, NaN, infinities, unknown units).
+    """
+    if isinstance(value, bool):
+        raise ValueError(_KEEP_ALIVE_HELP)
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    elif isinstance(value, str):
+        seconds = _duration(value.strip())
+    else:
+        raise ValueError(_KEEP_ALIVE_HELP)
+    if not math.isfinite(seconds):
+        raise ValueError(_KEEP_ALIVE_HELP)
+    return FOREVER if seconds < 0 else seconds
+
+
+def _duration(text: str) -> float:
+    sign = -1.0 if text.startswith("-") else 1.0
+    body = text[1:] if text[:1] in "+-" else text
+    if re.fullmatch(r"\d+(?:\.\d*)?|\.\d+", body):
+        return sign * float(body)
+    if not body or _DURATION_PART.sub("", body):
+        raise ValueError(_KEEP_ALIVE_HELP)
+    total = sum(float(n) * _DURATION_UNITS[unit] for n, unit in _DURATION_PART.findall(body))
+    return sign * total
+
+
+def _optional_keep_alive(value: Any) -> float | None:
+    return None if value is None else keep_alive_seconds(value)
+
+
+# Seconds; FOREVER (-1) = never unloaded for idleness. Input: see keep_alive_seconds.
+KeepAlive = Annotated[float | None, BeforeValidator(_optional_keep_alive)]
 
 
 class _Strict(BaseModel):
@@ -180,6 +242,9 @@ class _GenerationFields(_Strict):
     top_k: Annotated[int, Field(ge=0)] | None = None
     min_p: Annotated[FiniteFloat, Field(ge=0.0, le=1.0)] | None = None
     repeat_penalty: Annotated[FiniteFloat, Field(gt=0.0, le=10.0)] | None = None
+    # Ollama extension: how long the model stays loaded once idle (this request's value
+    # replaces the model's until the next request).
+    keep_alive: KeepAlive = None
 
     _check_stop = field_validator("stop")(check_stop)
     _check_logit_bias = field_validator("logit_bias")(check_logit_bias)
@@ -401,12 +466,35 @@ class Completion(BaseModel):
 
 
 class ModelCard(BaseModel):
+    """One model of ``/v1/models``. Fields after ``owned_by`` are not OpenAI's (its
+    clients ignore them): ``capabilities`` as Ollama names them, then the model's load
+    state (what ``ggufserve ps`` shows).
+
+    Attributes:
+        state: ``available`` (not loaded), ``loading``, ``ready`` (loaded) or ``failed``.
+        memory_bytes: Estimated memory of the model once loaded (GGUF + mmproj + KV
+            cache), known once the model has been looked at for loading; else None.
+        expires_at: Unix time (s) the model unloads if it stays idle (loaded with a
+            finite keep_alive and no request in flight); else None.
+        idle_s: Seconds since its last request ended (loaded and idle); else None.
+        in_flight: Requests using the model or waiting for it to load.
+        keep_alive_s: Idle seconds before unloading; -1 = never.
+        load_progress: Fraction (0..1) of the weights llama.cpp has loaded, while
+            ``loading``; else None.
+    """
+
     id: str
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "ggufserve"
-    # Not in OpenAI's schema (clients ignore it); named as Ollama names it.
     capabilities: list[Literal["completion", "vision", "tools", "embedding"]] = ["completion"]
+    state: Literal["available", "loading", "ready", "failed"] = "available"
+    memory_bytes: int | None = None
+    expires_at: float | None = None
+    idle_s: float | None = None
+    in_flight: int = 0
+    load_progress: float | None = None
+    keep_alive_s: float = FOREVER
 
 
 class ModelList(BaseModel):

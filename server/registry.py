@@ -1,202 +1,269 @@
-"""The served models: loaded in the background at start-up, each independently.
+"""The served models: every ``models.yaml`` entry (and every catalog model) is available;
+models load on start-up (``--model``) or on their first request, and unload when idle.
 
-A model that fails to load (bad path, corrupt GGUF, broken template) is marked failed and
-logged; the others keep serving. Requests for a model that is not ready get 503.
+Life of a model (``ModelState``): ``available`` → ``loading`` → ``ready`` (or
+``failed``) → back to ``available`` once unloaded. The rules:
+
+* **Loading** runs on one loader thread, one model at a time; every request for a model
+  that is not ready waits on the same load, for at most ``load_timeout_s`` (then 503
+  ``model_loading`` with ``Retry-After``; the load goes on and a later request finds the
+  model ready). A model that fails to load (bad path, corrupt GGUF, broken template) is
+  ``failed``: requests get 503 ``model_load_failed`` until :data:`LOAD_RETRY_S` have
+  passed, then the next request tries again. The others keep serving.
+* **keep_alive**: each model has an idle time after which it unloads (-1: never; 0: as
+  soon as its last request ends). Its value is the last request's ``keep_alive``, else
+  the entry's, else forever for start-up models and ``--keep-alive`` (5 min) for the
+  rest. The idle clock starts when the last request in flight ends; a model is never
+  unloaded while requests use it or wait for it (see :class:`Lease`).
+* **Memory budget** (``--max-memory``): before a load, the model's estimate
+  (:mod:`server.memory`) must fit beside the loaded ones; idle models are unloaded,
+  least recently used first (keep_alive -1 and start-up models included). A model whose
+  estimate exceeds the budget on its own gets 503 ``model_too_large``; one that would
+  fit once busy models go idle gets 503 ``insufficient_memory`` with ``Retry-After``.
 """
 
 from __future__ import annotations
 
-import enum
+import asyncio
+import concurrent.futures
 import logging
-import threading
 import time
-from dataclasses import dataclass, field
+from collections import Counter
 from pathlib import Path
 
-from server.engine.base import ModelLoadError
-from server.engine.embedding import EmbeddingEngine
-from server.engine.llama import LlamaEngine
-from server.errors import ModelNotFoundError, ModelUnavailableError
-from server.families import family_for
-from server.families.base import Family
-from server.model_files import resolve
+from server.catalog import ModelCatalog
+from server.errors import ModelNotFoundError
+from server.lifecycle import Loader
+from server.protocol import FOREVER
+from server.served_model import LOAD_RETRY_S, ModelState, ServedModel
 from server.settings import ModelEntry, ModelsFileError, ServerSettings
-from server.templates import ChatTemplate, ChatTemplateError, fallback_template, shipped_template
 
 log = logging.getLogger(__name__)
 
 # Clients such as mistral.rs examples send model="default"; it names the default model.
 DEFAULT_ALIAS = "default"
+__all__ = ["DEFAULT_ALIAS", "LOAD_RETRY_S", "Lease", "ModelRegistry", "ModelState", "ServedModel"]
 
 
-class ModelState(str, enum.Enum):
-    LOADING = "loading"
-    READY = "ready"
-    FAILED = "failed"
+class Lease:
+    """A request's hold on a ready model: the model is not unloaded until every lease
+    on it is released (idempotent). Release it when the response has been sent, for a
+    stream when its last event is out."""
 
+    def __init__(self, registry: ModelRegistry, served: ServedModel):
+        self.registry = registry
+        self.served = served
+        self._released = False
 
-@dataclass
-class ServedModel:
-    """One ``models.yaml`` entry and, once loaded, its engine and chat templates.
-
-    ``tool_template`` renders requests with tools or tool turns (the family's shipped
-    tool-aware template where the model's own has no tools, e.g. Gemma 3); ``family``
-    parses tool calls and reasoning (None: an architecture without tool support);
-    ``embedder`` serves ``/v1/embeddings`` when the entry asks for it.
-    """
-
-    entry: ModelEntry
-    base_dir: Path
-    created: int = field(default_factory=lambda: int(time.time()))
-    state: ModelState = ModelState.LOADING
-    engine: LlamaEngine | None = None
-    template: ChatTemplate | None = None
-    tool_template: ChatTemplate | None = None
-    family: Family | None = None
-    embedder: EmbeddingEngine | None = None
-
-    @property
-    def id(self) -> str:
-        return self.entry.id
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self.registry._release(self.served, used=True)
 
 
 class ModelRegistry:
-    """Loads and holds the served models.
+    """Knows every servable model, loads and unloads them (see the module docstring).
 
     Args:
-        entries: The entries to serve, the first being the default.
+        entries: The ``models.yaml`` entries (every one is available).
         base_dir: Folder of ``models.yaml`` (relative paths resolve against it).
-        settings: Server settings (queue size, template bounds).
+        settings: Server settings (queue size, template bounds, keep_alive, budget).
+        catalog: More models (the local store); ``models.yaml`` ids win over its ids.
+        preload: Ids loaded at start-up, the first being the default (``model="default"``);
+            None loads every entry.
+
+    Raises:
+        ModelsFileError: a ``preload`` id is neither an entry nor in the catalog.
     """
 
-    def __init__(self, entries: list[ModelEntry], base_dir: Path, settings: ServerSettings):
-        self._models = {e.id: ServedModel(e, base_dir) for e in entries}
-        self._default_id = entries[0].id
+    def __init__(
+        self,
+        entries: list[ModelEntry],
+        base_dir: Path,
+        settings: ServerSettings,
+        catalog: ModelCatalog | None = None,
+        preload: list[str] | None = None,
+    ):
         self._settings = settings
-        self._loader: threading.Thread | None = None
+        self._catalog = catalog
+        self._base_dir = base_dir
+        self._models = {e.id: ServedModel(e, base_dir) for e in entries}
+        startup_ids = [e.id for e in entries] if preload is None else list(preload)
+        self._default_id = startup_ids[0] if startup_ids else next(iter(self._models), None)
+        self.stats: Counter[str] = Counter()
+        self._loader = Loader(self)
+        self.lock = self._loader.lock
+        for model_id in startup_ids:
+            served = self._lookup(model_id)
+            if served is None:
+                raise ModelsFileError(f"no model '{model_id}' in the models file or the store")
+            served.startup = True
+        for served in self._models.values():
+            served.keep_alive_s = self.default_keep_alive(served)
+
+    @property
+    def settings(self) -> ServerSettings:
+        return self._settings
+
+    @property
+    def catalog(self) -> ModelCatalog | None:
+        return self._catalog
+
+    # ---- start-up and shutdown ------------------------------------------------------
 
     def start_loading(self) -> None:
-        """Load every model on a background thread, one after another."""
-        self._loader = threading.Thread(target=self._load_all, name="model-loader", daemon=True)
+        """Start the loader thread and queue the start-up models' loads."""
         self._loader.start()
+        with self.lock:
+            for served in self.startup_models():
+                self._loader.schedule(served)
 
     def wait_loaded(self, timeout_s: float | None = None) -> None:
-        """Block until the loader thread is done (for tests and benchmarks)."""
-        if self._loader is not None:
-            self._loader.join(timeout_s)
+        """Block until every start-up model's first load has ended (tests, benchmarks)."""
+        pending = [m.loading for m in self.startup_models() if m.loading is not None]
+        concurrent.futures.wait(pending, timeout_s)
+
+    def close(self) -> None:
+        """Stop the loader (queued loads fail with ``draining``), unload every model."""
+        self._loader.stop()
+
+    # ---- lookups --------------------------------------------------------------------
 
     def models(self) -> list[ServedModel]:
+        """Every servable model: ``models.yaml``'s, then the catalog's (and catalog models
+        still loaded after leaving the catalog)."""
+        offered = self._catalog_entries()
+        with self.lock:
+            if self._catalog is not None:
+                self._merge_catalog(offered)
+            return list(self._models.values())
+
+    def known(self) -> list[ServedModel]:
+        """Every model seen so far, without asking the catalog (the loader, under the lock)."""
         return list(self._models.values())
 
+    def startup_models(self) -> list[ServedModel]:
+        return [m for m in self._models.values() if m.startup]
+
+    def loaded(self) -> list[ServedModel]:
+        with self.lock:
+            return [m for m in self._models.values() if m.state is ModelState.READY]
+
+    def lookup(self, model_id: str) -> ServedModel:
+        """The model with this id, loaded or not (``default`` names the default model).
+
+        Raises:
+            ModelNotFoundError: neither ``models.yaml`` nor the catalog has it.
+        """
+        served = self._lookup(model_id)
+        if served is None:
+            raise ModelNotFoundError(model_id)
+        return served
+
     def get(self, model_id: str) -> ServedModel:
-        """The ready model with this id (``default`` names the default model).
+        """The ready model with this id (callers hold a :class:`Lease` on it, so that it
+        stays loaded while they use it).
 
         Raises:
             ModelNotFoundError: no such id is served.
-            ModelUnavailableError: the model is loading or failed to load.
+            ModelUnavailableError: the model is not loaded, or failed to load.
         """
-        key = self._default_id if model_id == DEFAULT_ALIAS else model_id
-        served = self._models.get(key)
-        if served is None:
-            raise ModelNotFoundError(model_id)
-        if served.state is ModelState.LOADING:
-            raise ModelUnavailableError(
-                f"The model '{model_id}' is still loading; retry shortly.", code="model_loading"
-            )
+        served = self.lookup(model_id)
         if served.state is ModelState.FAILED:
-            raise ModelUnavailableError(
-                f"The model '{model_id}' failed to load; see the server log.",
-                code="model_load_failed",
-                retry_after_s=60,
-            )
+            raise served.failed_error()
+        if served.state is not ModelState.READY:
+            raise served.loading_error()
         return served
 
-    def close(self) -> None:
-        for served in self._models.values():
-            if served.embedder is not None:
-                served.embedder.close()
-                served.embedder = None
-            if served.engine is not None:
-                served.engine.close()
-                served.engine = None
+    def _lookup(self, model_id: str) -> ServedModel | None:
+        key = self._default_id if model_id == DEFAULT_ALIAS else model_id
+        if key is None:
+            return None
+        served = self._models.get(key)
+        if served is None and self._catalog is not None:
+            offered = self._catalog_entries()
+            with self.lock:
+                self._merge_catalog(offered)
+                served = self._models.get(key)
+        return served
 
-    def _load_all(self) -> None:
-        for served in self._models.values():
-            started = time.monotonic()
-            try:
-                self._load(served)
-            except (ModelsFileError, ModelLoadError, ChatTemplateError) as exc:
-                served.state = ModelState.FAILED
-                log.error("model '%s' failed to load: %s", served.id, exc)
-            except Exception:
-                served.state = ModelState.FAILED
-                log.exception("model '%s' failed to load", served.id)
-            else:
-                served.state = ModelState.READY
-                log.info("model '%s' ready in %.1f s", served.id, time.monotonic() - started)
-
-    def _load(self, served: ServedModel) -> None:
-        entry = served.entry
-        path = resolve(entry.gguf, served.base_dir)
-        mmproj = resolve(entry.mmproj, served.base_dir) if entry.mmproj else None
-        engine = LlamaEngine(
-            path,
-            n_ctx=entry.n_ctx,
-            n_parallel=entry.n_parallel,
-            swa_full=entry.swa_full,
-            n_gpu_layers=entry.n_gpu_layers,
-            n_threads=entry.n_threads,
-            n_batch=entry.n_batch,
-            max_queued=self._settings.max_queued_requests,
-            mmproj_path=mmproj,
-            image_cache_bytes=self._settings.image_cache_bytes,
-        )
+    def _catalog_entries(self) -> list[ModelEntry]:
+        if self._catalog is None:
+            return []
         try:
-            served.template = self._template(served, engine)
-            served.family = family_for(engine.info.architecture)
-            tool_source = served.family.tool_template if served.family else None
-            served.tool_template = (
-                self._compile(shipped_template(tool_source), engine)
-                if tool_source
-                else served.template
-            )
-            if entry.embeddings:
-                served.embedder = EmbeddingEngine(
-                    engine.model,
-                    n_ctx=entry.n_ctx,
-                    n_threads=entry.n_threads,
-                    n_batch=min(entry.n_batch, entry.n_ctx),
-                )
-        except (ModelsFileError, ChatTemplateError, ModelLoadError):
-            engine.close()
+            return self._catalog.entries()
+        except Exception:
+            log.exception("the model catalog could not list its models")
+            return []
+
+    def _merge_catalog(self, offered: list[ModelEntry]) -> None:
+        """Add new catalog models; drop idle unloaded ones the catalog no longer offers."""
+        ids = {e.id for e in offered}
+        for model_id, served in list(self._models.items()):
+            gone = served.from_catalog and model_id not in ids
+            unused = not served.in_flight and served.loading is None
+            if gone and unused and served.state is not ModelState.READY:
+                del self._models[model_id]
+        for entry in offered:
+            if entry.id not in self._models:
+                served = ServedModel(entry, self._base_dir)
+                served.from_catalog = True
+                served.keep_alive_s = self.default_keep_alive(served)
+                self._models[entry.id] = served
+
+    def default_keep_alive(self, served: ServedModel) -> float:
+        """The entry's keep_alive, else forever for start-up models, else the server's."""
+        if served.entry.keep_alive is not None:
+            return served.entry.keep_alive
+        return FOREVER if served.startup else self._settings.keep_alive
+
+    # ---- requests -------------------------------------------------------------------
+
+    async def acquire(self, model_id: str, keep_alive_s: float | None = None) -> Lease:
+        """Wait until the model is ready (loading it if needed) and lease it.
+
+        Args:
+            model_id: The requested id (``default`` allowed).
+            keep_alive_s: The request's ``keep_alive`` (None: the model's default); it
+                becomes the model's idle limit (the last request's value wins).
+
+        Raises:
+            ModelNotFoundError: unknown id.
+            ModelUnavailableError: still loading after ``load_timeout_s``
+                (``model_loading``), failed to load (``model_load_failed``), too large
+                for the budget (``model_too_large``), no room beside busy models
+                (``insufficient_memory``), or the server is shutting down (``draining``).
+        """
+        served = self.lookup(model_id)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._settings.load_timeout_s
+        with self.lock:
+            if self._models.get(served.id) is not served:  # left the catalog meanwhile
+                raise ModelNotFoundError(model_id)
+            served.in_flight += 1
+        try:
+            while True:
+                with self.lock:
+                    if served.state is ModelState.READY:
+                        default = self.default_keep_alive(served)
+                        served.keep_alive_s = default if keep_alive_s is None else keep_alive_s
+                        return Lease(self, served)
+                    pending = self._loader.request_load(served)
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    raise served.loading_error()
+                try:
+                    await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(pending)), remaining)
+                except asyncio.TimeoutError:
+                    raise served.loading_error() from None
+        except BaseException:
+            self._release(served, used=False)
             raise
-        served.engine = engine
 
-    def _template(self, served: ServedModel, engine: LlamaEngine) -> ChatTemplate:
-        """Template precedence: models.yaml override, then the GGUF's, then the fallback."""
-        entry, info = served.entry, engine.info
-        source = entry.chat_template
-        if entry.chat_template_file is not None:
-            path = Path(entry.chat_template_file).expanduser()
-            path = path if path.is_absolute() else served.base_dir / path
-            try:
-                source = path.read_text(encoding="utf-8")
-            except OSError:
-                raise ModelsFileError(f"chat_template_file not readable: {path}") from None
-        source = source or info.chat_template or fallback_template(info.architecture)
-        if source is None:
-            raise ChatTemplateError(
-                f"no chat template in the GGUF and none built in for '{info.architecture}'; "
-                "set chat_template in models.yaml"
-            )
-        return self._compile(source, engine)
-
-    def _compile(self, source: str, engine: LlamaEngine) -> ChatTemplate:
-        info = engine.info
-        return ChatTemplate(
-            source,
-            bos_token=info.bos_token,
-            eos_token=info.eos_token,
-            timeout_s=self._settings.template_timeout_s,
-            max_output_chars=self._settings.max_prompt_chars,
-        )
+    def _release(self, served: ServedModel, *, used: bool) -> None:
+        with self.lock:
+            served.in_flight -= 1
+            if used:
+                served.last_used = time.monotonic()
+            if served.in_flight == 0 and served.keep_alive_s == 0:
+                self._loader.wake()

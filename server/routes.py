@@ -10,14 +10,14 @@ from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
-from starlette.types import Receive
+from starlette.types import Receive, Scope, Send
 
 from server.embeddings import EmbeddingRequest
 from server.engine.worker import Generation
 from server.errors import InvalidRequestError, PayloadTooLargeError, UnsupportedMediaTypeError
 from server.metrics import metrics
 from server.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
-from server.registry import ModelRegistry, ModelState, ServedModel
+from server.registry import Lease, ModelRegistry, ModelState, ServedModel
 
 T = TypeVar("T")
 P = TypeVar("P")
@@ -108,17 +108,29 @@ async def generate(
     service: GenerationService[Any],
     model: type[ChatCompletionRequest] | type[CompletionRequest],
 ) -> Response:
-    """Parse → prepare → queue → JSON or SSE, for chat and text completions."""
+    """Parse → lease the model (loading it if needed) → prepare → queue → JSON or SSE,
+    for chat and text completions. The lease ends with the response (for a stream, once
+    its last byte is sent or the client has gone)."""
     request_id: str = request.state.request_id
     raw = await read_body(request, request.app.state.settings.max_request_bytes)
     body = parse_request(raw, model)
-    prepared = await service.prepare(body, request_id)
-    generations = service.start(prepared)
-    if body.stream:
-        return event_stream(service.stream(prepared, generations, request_id))
-    completion = await run_unless_disconnected(
-        request, service.complete(prepared, generations, request_id)
-    )
+    registry: ModelRegistry = request.app.state.registry
+    lease = await registry.acquire(body.model, body.keep_alive)
+    handed_off = False
+    try:
+        prepared = await service.prepare(body, request_id)
+        generations = service.start(prepared)
+        if body.stream:
+            stream = LeasedStream(service.stream(prepared, generations, request_id))
+            stream.hold(lease, generations)
+            handed_off = True
+            return stream
+        completion = await run_unless_disconnected(
+            request, service.complete(prepared, generations, request_id)
+        )
+    finally:
+        if not handed_off:
+            lease.release()
     return json_or_gone(completion)
 
 
@@ -135,32 +147,56 @@ async def embeddings(request: Request) -> Response:
     raw = await read_body(request, state.settings.max_request_bytes)
     body = parse_request(raw, EmbeddingRequest)
     registry: ModelRegistry = state.registry
-    served = registry.get(body.model)
-    if served.embedder is None or served.engine is None:
+    if not registry.lookup(body.model).entry.embeddings:
         raise InvalidRequestError(
             f"The model '{body.model}' does not serve embeddings (models.yaml: embeddings).",
             param="model",
         )
-    engine = served.engine
-    response = await state.embeddings.create(
-        body,
-        engine=served.embedder,
-        tokenize=engine.tokenize,
-        add_bos=engine.info.add_bos,
-        bos_token_id=engine.info.bos_token_id,
-        n_vocab=engine.info.n_vocab,
-        model_id=served.id,
-        max_inputs=state.settings.max_embedding_inputs,
-    )
+    lease = await registry.acquire(body.model, body.keep_alive)
+    try:
+        served = lease.served
+        engine, embedder = served.engine, served.embedder
+        assert engine is not None and embedder is not None
+        response = await state.embeddings.create(
+            body,
+            engine=embedder,
+            tokenize=engine.tokenize,
+            add_bos=engine.info.add_bos,
+            bos_token_id=engine.info.bos_token_id,
+            n_vocab=engine.info.n_vocab,
+            model_id=served.id,
+            max_inputs=state.settings.max_embedding_inputs,
+        )
+    finally:
+        lease.release()
     return JSONResponse(response.model_dump(mode="json"))
 
 
-def event_stream(events: AsyncIterator[str]) -> StreamingResponse:
-    return StreamingResponse(
-        events,
-        media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-    )
+class LeasedStream(StreamingResponse):
+    """An SSE response that holds its model's lease until the response has ended (sent,
+    failed or abandoned by the client), then cancels its generations (a no-op for those
+    that finished) and releases the lease, even if the body was never iterated."""
+
+    def __init__(self, events: AsyncIterator[str]):
+        super().__init__(
+            events,
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+        self._lease: Lease | None = None
+        self._generations: list[Generation] = []
+
+    def hold(self, lease: Lease, generations: list[Generation]) -> None:
+        self._lease, self._generations = lease, generations
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            for generation in self._generations:
+                generation.cancel()
+            if self._lease is not None:
+                self._lease.release()
 
 
 def json_or_gone(body: BaseModel | None) -> Response:
@@ -171,22 +207,41 @@ def json_or_gone(body: BaseModel | None) -> Response:
 
 
 async def list_models(request: Request) -> Response:
+    """Every servable model (``models.yaml``'s, then the store's) with its load state."""
     registry: ModelRegistry = request.app.state.registry
-    cards = [
-        ModelCard(id=m.id, created=m.created, capabilities=capabilities(m))
-        for m in registry.models()
-    ]
+    models = registry.models()
+    with registry.lock:
+        cards = [model_card(m) for m in models]
     return JSONResponse(ModelList(data=cards).model_dump(mode="json"))
 
 
+def model_card(served: ServedModel) -> ModelCard:
+    idle_s = served.idle_s()
+    return ModelCard(
+        id=served.id,
+        created=served.created,
+        capabilities=capabilities(served),
+        state=served.state.value,
+        memory_bytes=served.memory_bytes,
+        expires_at=served.expires_at(),
+        idle_s=None if idle_s is None else round(idle_s, 3),
+        in_flight=served.in_flight,
+        keep_alive_s=served.keep_alive_s,
+        load_progress=served.load_progress if served.state.value == "loading" else None,
+    )
+
+
 async def health(request: Request) -> Response:
-    """200 once every model has finished loading and one is ready; 503 before that."""
+    """The start-up (``--model``) models: 503 ``loading`` until each one's first load has
+    ended, then 200 ``ok`` while one of them can serve (ready, or loadable again after
+    an unload) or when there are none, 503 ``error`` when all of them failed. Other
+    models never affect it."""
     registry: ModelRegistry = request.app.state.registry
-    states = {m.id: m.state.value for m in registry.models()}
-    values = set(states.values())
-    if ModelState.LOADING.value in values:
+    startup = registry.startup_models()
+    states = {m.id: m.state.value for m in startup}
+    if not all(m.settled for m in startup):
         return JSONResponse({"status": "loading", "models": states}, status_code=503)
-    if ModelState.READY.value in values:
+    if not startup or any(m.state is not ModelState.FAILED for m in startup):
         return JSONResponse({"status": "ok", "models": states})
     return JSONResponse({"status": "error", "models": states}, status_code=503)
 

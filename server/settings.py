@@ -11,9 +11,19 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
 from pydantic_core import ErrorDetails
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from server.memory import parse_budget
+from server.protocol import KeepAlive, keep_alive_seconds
 
 MiB = 1024 * 1024
 
@@ -91,6 +101,9 @@ class ModelEntry(_Entry):
     # Also serve /v1/embeddings from a second, pooled context on the same weights.
     embeddings: bool = False
     sampling: SamplingDefaults = SamplingDefaults()
+    # Idle time before unloading: seconds, "30s"/"5m"/"1h", -1 = never, 0 = right after
+    # each request. None: forever for start-up (--model) models, else --keep-alive.
+    keep_alive: KeepAlive = None
 
     @model_validator(mode="after")
     def _one_template_form(self) -> ModelEntry:
@@ -198,6 +211,8 @@ class ServerSettings(BaseSettings):
     log_level: str = "info"
     # Generate a few tokens in a child process before serving (once per library build).
     startup_check: bool = True
+    # Serve the browser chat page at / (server/web/); --no-webui turns it off.
+    webui: bool = True
     # Images (vision models)
     max_images_per_request: Annotated[int, Field(ge=0)] = 8
     max_image_bytes: Annotated[int, Field(ge=1)] = 20_000_000
@@ -209,3 +224,10 @@ class ServerSettings(BaseSettings):
     image_cache_bytes: Annotated[int, Field(ge=0)] = 256 * MiB
     # Test-only: non-public networks image URLs may point to (e.g. ["127.0.0.0/8"]).
     allowed_private_networks: list[str] = []
+    # Loading on demand (README, "Loading, keep_alive and the memory budget").
+    # Idle time before an on-demand model unloads (seconds; "5m"; -1 = never): 5 min.
+    keep_alive: Annotated[float, BeforeValidator(keep_alive_seconds)] = 300.0
+    # Budget of the loaded models' estimated memory (bytes or "8GiB"); None = unbounded.
+    max_memory: Annotated[int | None, BeforeValidator(parse_budget)] = None
+    # Longest a request waits for its model to load before 503 model_loading (0: never).
+    load_timeout_s: Annotated[float, Field(ge=0)] = 120.0

@@ -7,6 +7,7 @@ import asyncio
 import ctypes
 import os
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -50,6 +51,8 @@ class LlamaEngine:
         max_queued: Requests allowed to wait for a free sequence.
         mmproj_path: The vision projector GGUF, or None for a text-only model.
         image_cache_bytes: Bound of the LRU of encoded images, in bytes (0 disables it).
+        load_progress: Called with the fraction (0..1) of the weights loaded, as llama.cpp
+            reports it (``llama_model_params.progress_callback``), on the loading thread.
 
     Raises:
         ModelLoadError: llama.cpp failed to load the file or create the context.
@@ -68,12 +71,19 @@ class LlamaEngine:
         max_queued: int,
         mmproj_path: Path | None = None,
         image_cache_bytes: int = 0,
+        load_progress: Callable[[float], None] | None = None,
     ):
         threads = n_threads or os.cpu_count() or 1
         self.n_parallel = n_parallel
         set_verbose(False)  # llama.cpp's own log lines stay out of the server log
         model_params = llama_cpp.llama_model_default_params()
         model_params.n_gpu_layers = n_gpu_layers
+        if load_progress is not None:
+            # Kept on the instance: llama.cpp calls it while the model loads.
+            self._on_progress = llama_cpp.llama_progress_callback(
+                lambda fraction, _: load_progress(fraction) or True
+            )
+            model_params.progress_callback = self._on_progress
         ctx_params = llama_cpp.llama_context_default_params()
         ctx_params.n_ctx = n_ctx
         ctx_params.n_batch = ctx_params.n_ubatch = n_batch

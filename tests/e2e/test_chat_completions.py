@@ -146,7 +146,11 @@ def test_models_endpoint_lists_model(client: openai.OpenAI) -> None:
     models = client.models.list()
     assert [m.id for m in models.data] == [MODEL]
     assert models.data[0].object == "model"
-    assert models.data[0].model_extra == {"capabilities": ["completion", "tools"]}
+    extra = models.data[0].model_extra or {}
+    assert extra["capabilities"] == ["completion", "tools"]
+    # A start-up model: loaded, never unloaded for idleness.
+    assert extra["state"] == "ready" and extra["keep_alive_s"] == -1
+    assert extra["memory_bytes"] > 0 and extra["expires_at"] is None
 
 
 def test_default_alias_serves_default_model(client: openai.OpenAI) -> None:
