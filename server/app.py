@@ -30,6 +30,7 @@ from server.metrics import metrics_registry
 from server.registry import ModelRegistry
 from server.routes import routes
 from server.settings import ServerSettings
+from server.webui import is_open_path, web_routes
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +48,11 @@ class RequestContextMiddleware:
     Pure ASGI (not ``BaseHTTPMiddleware``) so streaming bodies pass through untouched.
     """
 
-    def __init__(self, app: ASGIApp, api_key: str | None):
+    def __init__(self, app: ASGIApp, api_key: str | None, webui: bool = False):
         self.app = app
         self.api_key = api_key
+        # The chat page and its assets load without a key (the page then asks for it).
+        self.webui = webui
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -69,7 +72,7 @@ class RequestContextMiddleware:
                 ]
             await send(message)
 
-        if self.api_key and scope["path"] not in OPEN_PATHS and not self._authorized(scope):
+        if self.api_key and not self._open(scope["path"]) and not self._authorized(scope):
             response = error_response(
                 AuthenticationError(
                     "Incorrect or missing API key. Send it as 'Authorization: Bearer <key>'.",
@@ -86,6 +89,9 @@ class RequestContextMiddleware:
             if started:
                 raise
             await error_response(InternalServerError(request_id))(scope, receive, send_with_id)
+
+    def _open(self, path: str) -> bool:
+        return path in OPEN_PATHS or (self.webui and is_open_path(path))
 
     def _authorized(self, scope: Scope) -> bool:
         assert self.api_key is not None
@@ -126,7 +132,9 @@ def create_app(settings: ServerSettings, registry: ModelRegistry) -> Starlette:
         finally:
             registry.close()
 
-    middleware = [Middleware(RequestContextMiddleware, api_key=settings.api_key)]
+    middleware = [
+        Middleware(RequestContextMiddleware, api_key=settings.api_key, webui=settings.webui)
+    ]
     if settings.cors_allow_origins:
         middleware.insert(
             0,
@@ -138,7 +146,7 @@ def create_app(settings: ServerSettings, registry: ModelRegistry) -> Starlette:
             ),
         )
     app = Starlette(
-        routes=routes,
+        routes=[*routes, *web_routes()] if settings.webui else routes,
         middleware=middleware,
         exception_handlers={
             APIError: _api_error,
