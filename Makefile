@@ -25,7 +25,7 @@ NATIVE := $(BIN)/python -m server.native.build
 STAMP_RUN := $(VENV)/.installed-run
 STAMP_TEST := $(VENV)/.installed-test
 
-.PHONY: install llama serve test lint bench bench-convert bench-structured clean
+.PHONY: install llama serve test lint bench bench-convert bench-structured clean chromium
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -59,7 +59,21 @@ install: $(STAMP_RUN)
 serve: install
 	$(BIN)/ggufserve serve $(SERVE_ARGS)
 
-test: install $(STAMP_TEST)
+# The chat page's browser tests (tests/web) drive Debian's chromium through Playwright
+# (Playwright's own browser download is not used). Installed with apt-get when missing (sudo
+# unless root); when that fails the build goes on and those tests skip, saying why.
+CHROMIUM ?= /usr/bin/chromium
+chromium:
+	@if [ ! -x "$(CHROMIUM)" ]; then \
+	  sudo=; [ "$$(id -u)" = 0 ] || sudo="sudo -n"; \
+	  echo "installing chromium for the browser tests: $$sudo apt-get install -y chromium"; \
+	  { command -v apt-get >/dev/null && \
+	    { DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y chromium || \
+	      { $$sudo apt-get update && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y chromium; }; }; } || \
+	  echo "warning: could not install chromium; the browser tests (tests/web) will be skipped"; \
+	fi
+
+test: install $(STAMP_TEST) chromium
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP_TEST)
