@@ -1,7 +1,8 @@
 """``ggufserve convert`` / ``ggufserve quantize`` (also ``python -m converters ...``).
 
 Exit codes: 0 on success, 2 for a named conversion error, 1 when the output cannot be
-written (disk full, permissions); one line on stderr, no traceback, nothing partial left.
+written (disk full, permissions), 130 when interrupted (Ctrl-C); one line on stderr, no
+traceback, nothing partial left.
 """
 
 from __future__ import annotations
@@ -9,13 +10,20 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from converters.errors import ConversionError
 from converters.quantize import QUANT_TYPES
 
+if TYPE_CHECKING:
+    from converters.quality import QualityReport
+
 EXIT_ERROR = 2
 EXIT_IO = 1
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
+NO_REPORT_HELP = "skip the quality report (KL divergence, top-1, PPL vs the source)"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -46,11 +54,16 @@ def _parser() -> argparse.ArgumentParser:
         "--register", action="store_true", help="add/update an entry NAME in the models file"
     )
     convert.add_argument("--models", type=Path, default=Path("models.yaml"))
+    convert.add_argument("--no-report", dest="report", action="store_false", help=NO_REPORT_HELP)
     quant = commands.add_parser("quantize", help="quantize a GGUF with llama.cpp")
     quant.add_argument("gguf", type=Path)
-    quant.add_argument("type", type=str.upper, choices=list(QUANT_TYPES))
-    quant.add_argument("--out", type=Path, help="output file (default: next to the input)")
+    quant.add_argument(
+        "types", nargs="+", type=str.upper, choices=list(QUANT_TYPES), metavar="TYPE",
+        help=f"one or more of: {', '.join(QUANT_TYPES)} (one reference pass for all)",
+    )  # fmt: skip
+    quant.add_argument("--out", type=Path, help="output file, with one TYPE (default: beside)")
     quant.add_argument("--force", action="store_true")
+    quant.add_argument("--no-report", dest="report", action="store_false", help=NO_REPORT_HELP)
     return parser
 
 
@@ -66,10 +79,12 @@ def _run_convert(args: argparse.Namespace) -> None:
         quants=args.quant,
         mmproj_type=args.mmproj_type,
         force=args.force,
+        report=args.report,
     )
     for path in [result.text, result.mmproj, *result.quantized.values()]:
         if path is not None:
             print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
+    _print_quality(result.quality.values())
     print("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in result.seconds.items()))
     if args.register:
         served = next(iter(result.quantized.values()), result.text)
@@ -78,15 +93,28 @@ def _run_convert(args: argparse.Namespace) -> None:
 
 
 def _run_quantize(args: argparse.Namespace) -> None:
-    from converters.quantize import quantize
+    from converters.quality import quantize_and_report
 
     source: Path = args.gguf
     if not source.is_file():
         raise ConversionError(f"no such file: {source}")
+    types = list(dict.fromkeys(args.types))
+    if args.out is not None and len(types) > 1:
+        raise ConversionError("--out names one file: give one TYPE with it")
     stem = source.stem.rsplit("-", 1)[0] if "-" in source.stem else source.stem
-    target = args.out or source.with_name(f"{stem}-{args.type}.gguf")
-    quantize(source, target, args.type, force=args.force)
-    print(f"wrote {target} ({target.stat().st_size / 1e6:.1f} MB)")
+    targets = {t: args.out or source.with_name(f"{stem}-{t}.gguf") for t in types}
+    reports = quantize_and_report(source, targets, force=args.force, report=args.report)
+    for target in targets.values():
+        print(f"wrote {target} ({target.stat().st_size / 1e6:.1f} MB)")
+    _print_quality(r for r in reports.values() if r is not None)
+
+
+def _print_quality(reports: Iterable[QualityReport]) -> None:
+    from converters.quality import format_table
+
+    table = format_table(reports)
+    if table:
+        print(table)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,6 +132,9 @@ def main(argv: list[str] | None = None) -> int:
         reason = exc.strerror or exc.__class__.__name__
         print(f"ggufserve {args.command}: error: cannot write output: {reason}", file=sys.stderr)
         return EXIT_IO
+    except KeyboardInterrupt:  # the partial output is already removed
+        print(f"\nggufserve {args.command}: interrupted; no partial file left", file=sys.stderr)
+        return EXIT_INTERRUPTED
     return 0
 
 

@@ -7,7 +7,6 @@ and that no output would be overwritten) before the first byte is written.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,7 +18,8 @@ from converters.arch import ARCHITECTURES
 from converters.arch.base import Converter
 from converters.checkpoint import Checkpoint
 from converters.errors import TensorMappingError, UnsupportedArchitectureError
-from converters.quantize import quantize
+from converters.metadata import general_metadata
+from converters.quality import QualityReport, quantize_and_report
 from converters.writer import PlannedTensor, check_output, write_gguf
 
 log = logging.getLogger(__name__)
@@ -45,13 +45,15 @@ HUB_PATTERNS = [
 
 @dataclass
 class ConversionResult:
-    """The output base name, paths written and timings (seconds)."""
+    """The output base name, paths written, timings (seconds) and each quantized file's
+    quality report (absent with ``report=False``)."""
 
     name: str
     text: Path
     mmproj: Path | None
     quantized: dict[str, Path] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
+    quality: dict[str, QualityReport] = field(default_factory=dict)
 
 
 def resolve_source(source: str) -> Path:
@@ -100,15 +102,17 @@ def converters_for(ckpt: Checkpoint) -> tuple[Converter, Converter | None]:
 def metadata_writer(
     converter: Converter, ckpt: Checkpoint, name: str, source: str, gguf_type: str
 ) -> Callable[[gguf.GGUFWriter], None]:
-    """general.type (``gguf.GGUFType.MODEL`` or ``MMPROJ``, as llama.cpp's
-    convert_hf_to_gguf.py writes it), general.* (name, basename, size label, license,
-    source repo from the model card), then the converter's hparams."""
-    n_params = sum(math.prod(r.shape) for r in converter.claimed())
-    meta = gguf.Metadata.load(None, ckpt.root, name, n_params)
-    if meta.source_repo_url is None and source.count("/") == 1 and not Path(source).exists():
-        meta.source_repo_url = f"https://huggingface.co/{source}"
+    """general.type (``gguf.GGUFType.MODEL`` or ``MMPROJ``) and general.* (name, basename,
+    size label, license, sampling defaults, ...) as llama.cpp's convert_hf_to_gguf.py
+    writes them (:func:`converters.metadata.general_metadata`), then the converter's
+    hparams. ``name`` becomes general.name only when it is not the default (the source's
+    folder or repo name): a given --name, like llama.cpp's --model-name."""
+    is_repo = source.count("/") == 1 and not Path(source).exists()
+    given = name if name != Path(source.rstrip("/")).name else None
 
     def write(writer: gguf.GGUFWriter) -> None:
+        counts = writer.get_total_parameter_count()
+        meta = general_metadata(ckpt, counts, name=given, repo_id=source if is_repo else None)
         writer.add_type(gguf_type)
         meta.set_gguf_meta_model(writer)
         converter.set_gguf_parameters(writer)
@@ -145,6 +149,7 @@ def convert(
     quants: list[str] | None = None,
     mmproj_type: str = "f16",
     force: bool = False,
+    report: bool = True,
 ) -> ConversionResult:
     """Convert a checkpoint; see the module docstring for the order of checks.
 
@@ -156,6 +161,7 @@ def convert(
         quants: llama.cpp quantization types made from the text GGUF (one intermediate).
         mmproj_type: f32 | f16 | q8_0 for the vision projector.
         force: Replace existing outputs.
+        report: Measure each quantization against the text GGUF (converters.quality).
 
     Raises:
         ConversionError (any subclass): nothing has been written in that case, except
@@ -193,10 +199,12 @@ def convert(
             progress_label=label,
         )
         result.seconds[label] = time.monotonic() - mark
-    for quant, path in quant_paths.items():
-        mark = time.monotonic()
-        result.quantized[quant] = quantize(text_path, path, quant, force=force)
-        result.seconds[quant] = time.monotonic() - mark
+    mark = time.monotonic()
+    reports = quantize_and_report(text_path, quant_paths, force=force, report=report)
+    result.quantized = dict(quant_paths)
+    result.quality = {quant: r for quant, r in reports.items() if r is not None}
+    if quant_paths:
+        result.seconds["quantize"] = time.monotonic() - mark  # every type, with its report
     result.seconds["total"] = time.monotonic() - started
     return result
 

@@ -1,12 +1,29 @@
-"""Quantize a GGUF with llama.cpp's own quantizer (``llama_model_quantize``), atomically."""
+"""Quantize a GGUF with llama.cpp's own quantizer (``llama_model_quantize``), atomically.
+
+llama.cpp runs in a child process: Python handles SIGINT only between bytecodes, so while
+a ctypes call runs (minutes for a big model) Ctrl-C would wait for it. The parent waits on
+the child instead; on Ctrl-C (or any error) it kills the child, waits for it to be gone,
+then ``atomic_path`` removes the partial file. (A plain subprocess rather than
+multiprocessing's spawn, which would re-import the caller's ``__main__``.)
+"""
 
 from __future__ import annotations
 
 import ctypes
+import json
 import os
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from converters.errors import QuantizationError
+from converters.llama_logs import ErrorLines, captured_logs
+from converters.progress import Progress, progress
 from converters.writer import atomic_path, check_output
 
 # Output type name (llama.cpp's `llama-quantize` spelling) → llama_ftype constant name.
@@ -28,6 +45,36 @@ QUANT_TYPES = {
     "Q3_K_S": "LLAMA_FTYPE_MOSTLY_Q3_K_S",
     "Q2_K": "LLAMA_FTYPE_MOSTLY_Q2_K",
 }
+# llama-quant.cpp logs "[  12/ 236] blk.0.attn_k.weight - ..." before each tensor.
+TENSOR_LINE = re.compile(r"\[\s*(\d+)/\s*(\d+)\]")
+KV_TEXT_MAX = 127  # llama_model_kv_override: char key[128], char val_str[128]
+RESULT_MARK = "ggufserve-quantizer-result "  # the child's last stdout line
+
+MetadataValue = bool | int | float | str
+
+
+@dataclass(frozen=True)
+class QuantizerJob:
+    """One ``llama_model_quantize`` call, as plain data for the child process."""
+
+    source: str
+    out: str
+    quant: str | None  # type name, for the progress bar and errors; None: a copy, no bar
+    ftype: int | None = None  # None with only_copy
+    only_copy: bool = False
+    kv: dict[str, MetadataValue] = field(default_factory=dict)
+    n_threads: int = 0
+
+
+def ftype_of(quant_type: str) -> int:
+    """The ``llama_ftype`` of a type name. Raises: QuantizationError if the name is unknown."""
+    import llama_cpp
+
+    name = QUANT_TYPES.get(quant_type.upper())
+    if name is None:
+        known = ", ".join(QUANT_TYPES)
+        raise QuantizationError(f"unknown quantization type '{quant_type}' (known: {known})")
+    return int(getattr(llama_cpp, name))
 
 
 def quantize(
@@ -36,24 +83,135 @@ def quantize(
     """Write ``target``, a ``quant_type`` quantization of ``source`` (an F32/F16/BF16 GGUF).
 
     Raises:
-        QuantizationError: unknown type, or llama.cpp's quantizer returned non-zero
-            (the partial output is removed).
+        QuantizationError: unknown type, or llama.cpp's quantizer failed (the partial
+            output is removed).
         OutputExistsError: ``target`` exists and not ``force``.
     """
-    import llama_cpp  # the quantizer lives in llama.cpp itself
-
-    ftype_name = QUANT_TYPES.get(quant_type.upper())
-    if ftype_name is None:
-        known = ", ".join(QUANT_TYPES)
-        raise QuantizationError(f"unknown quantization type '{quant_type}' (known: {known})")
+    ftype = ftype_of(quant_type)
     check_output(target, force)
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = getattr(llama_cpp, ftype_name)
-    params.nthread = n_threads or os.cpu_count() or 1
+    threads = n_threads or os.cpu_count() or 1
     with atomic_path(target) as tmp:
-        status = llama_cpp.llama_model_quantize(
-            str(source).encode(), str(tmp).encode(), ctypes.byref(params)
+        run_quantizer(
+            QuantizerJob(str(source), str(tmp), quant_type.upper(), ftype, False, {}, threads)
         )
-        if status != 0 or not tmp.is_file():
-            raise QuantizationError(f"llama.cpp could not quantize {source.name} to {quant_type}")
     return target
+
+
+def copy_with_metadata(source: Path, out: Path, metadata: Mapping[str, MetadataValue]) -> None:
+    """Write ``out``: ``source`` with its tensors copied byte for byte and ``metadata`` keys
+    added (llama.cpp's quantizer with ``only_copy`` and ``kv_overrides``). Integers are
+    stored as UINT32 and floats as FLOAT32, as llama.cpp does for overrides.
+
+    Raises:
+        QuantizationError: a key or string longer than 127 bytes, an integer outside UINT32,
+            or llama.cpp failed.
+    """
+    for key, value in metadata.items():
+        text = value if isinstance(value, str) else ""
+        if len(key.encode()) > KV_TEXT_MAX or len(text.encode()) > KV_TEXT_MAX:
+            raise QuantizationError(f"metadata {key!r}: key or value longer than {KV_TEXT_MAX} B")
+        if isinstance(value, int) and not isinstance(value, bool) and not 0 <= value < 2**32:
+            raise QuantizationError(f"metadata {key!r}: {value} does not fit a UINT32")
+    run_quantizer(QuantizerJob(str(source), str(out), None, only_copy=True, kv=dict(metadata)))
+
+
+def run_quantizer(job: QuantizerJob) -> None:
+    """Run one ``llama_model_quantize`` in a child process (``python -m
+    converters.quantize``, the job as JSON on stdin), interruptibly.
+
+    Raises:
+        QuantizationError: llama.cpp returned non-zero (with its last error line) or the
+            child died (e.g. killed for memory).
+        KeyboardInterrupt: the child is terminated and waited for before this propagates.
+    """
+    package_root = str(Path(__file__).resolve().parent.parent)
+    path = os.environ.get("PYTHONPATH")
+    env = {**os.environ, "PYTHONPATH": package_root + (os.pathsep + path if path else "")}
+    # Its own session: a terminal's Ctrl-C reaches only this process, which ends the child.
+    child = subprocess.Popen(
+        [sys.executable, "-m", "converters.quantize"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env=env,
+        start_new_session=True,
+    )
+    try:
+        output, _ = child.communicate(json.dumps(asdict(job)).encode())
+    except BaseException:
+        child.kill()  # it is inside the ctypes call: no handler would run anyway
+        child.wait()
+        raise
+    source = Path(job.source).name
+    lines = output.decode(errors="replace").strip().splitlines()
+    if child.returncode != 0 or not lines or not lines[-1].startswith(RESULT_MARK):
+        raise QuantizationError(f"llama.cpp's quantizer died on {source} ({_exit(child)})")
+    status, error = json.loads(lines[-1][len(RESULT_MARK) :])
+    if status != 0 or not Path(job.out).is_file():
+        what = f"quantize {source} to {job.quant}" if job.quant else f"copy {source}"
+        raise QuantizationError(f"llama.cpp could not {what}" + (f": {error}" if error else ""))
+
+
+def _exit(child: subprocess.Popen[bytes]) -> str:
+    code = child.returncode
+    if code is not None and code < 0:
+        return f"signal {signal.Signals(-code).name}"
+    return f"exit code {code}"
+
+
+def _child_main() -> None:
+    """The child: one llama_model_quantize call; prints RESULT_MARK [status, last error]."""
+    import llama_cpp
+
+    job = QuantizerJob(**json.loads(sys.stdin.read()))
+    params = llama_cpp.llama_model_quantize_default_params()
+    if job.ftype is not None:
+        params.ftype = job.ftype
+    params.nthread = job.n_threads
+    params.only_copy = job.only_copy
+    overrides = _kv_overrides(job.kv) if job.kv else None
+    if overrides is not None:
+        params.kv_overrides = overrides
+    errors = ErrorLines()
+    bar: list[Progress] = []
+
+    def on_line(level: int, text: str) -> None:
+        errors(level, text)
+        match = TENSOR_LINE.match(text)
+        if match and job.quant:
+            if not bar:
+                bar.append(progress(int(match[2]), f"quantize {job.quant}", "tensors"))
+            bar[0].update(1)
+
+    with captured_logs(on_line):
+        status = llama_cpp.llama_model_quantize(
+            job.source.encode(), job.out.encode(), ctypes.byref(params)
+        )
+    for each in bar:
+        each.close()
+    print(RESULT_MARK + json.dumps([int(status), errors.last()]), flush=True)
+
+
+def _kv_overrides(kv: Mapping[str, MetadataValue]) -> ctypes.Array[Any]:
+    """A ``llama_model_kv_override`` array ended by an entry with an empty key."""
+    import llama_cpp
+
+    entries = (llama_cpp.llama_model_kv_override * (len(kv) + 1))()  # zeroed: last one ends it
+    for entry, (key, value) in zip(entries, kv.items(), strict=False):
+        entry.key = key.encode()
+        if isinstance(value, bool):
+            entry.tag = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_BOOL
+            entry.value.val_bool = value
+        elif isinstance(value, int):
+            entry.tag = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_INT
+            entry.value.val_i64 = value
+        elif isinstance(value, float):
+            entry.tag = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_FLOAT
+            entry.value.val_f64 = value
+        else:
+            entry.tag = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_STR
+            entry.value.val_str = value.encode()
+    return entries
+
+
+if __name__ == "__main__":
+    _child_main()

@@ -5,11 +5,16 @@ Token types use SentencePiece's numbering, which GGUF shares (``gguf.TokenType``
 NORMAL 1, UNKNOWN 2, CONTROL 3, USER_DEFINED 4, UNUSED 5, BYTE 6. Gemma 3 needs its
 CONTROL and USER_DEFINED types kept (the whitespace-run tokens are USER_DEFINED):
 without them llama.cpp tokenizes runs of spaces differently from transformers.
+
+Both vocabularies have exactly one token per embedding row (``vocab_size``): ids no
+tokenizer file names are ``[PAD<id>]`` UNUSED tokens, as llama.cpp's convert_hf_to_gguf.py
+writes them (``_create_vocab_sentencepiece``, ``get_vocab_base``).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -19,7 +24,17 @@ import gguf
 from converters.checkpoint import Checkpoint
 from converters.errors import VocabError
 
+log = logging.getLogger(__name__)
+
 BYTE_PIECE = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
+# Ids without a token (embedding rows past the tokenizer) and the scores llama.cpp's
+# converter gives them and the added tokens (convert_hf_to_gguf.py _create_vocab_sentencepiece).
+PAD_SCORE = -10_000.0
+ADDED_SCORE = -1_000.0
+# Added tokens llama.cpp's converter makes CONTROL even when not marked special
+# (convert_hf_to_gguf.py does_token_look_special).
+LOOKS_SPECIAL = ("<pad>", "<mask>", "<2mass>", "[@BOS@]")
+SPACE_PIECE = "\u2581"  # SentencePiece's "▁"
 # tokenizer.json pre-tokenizer split regexes llama.cpp knows, by its pre-tokenizer name
 # (llama.cpp src/llama-vocab.cpp LLAMA_VOCAB_PRE_TYPE_QWEN2).
 BPE_PRE_TOKENIZERS = {
@@ -40,32 +55,39 @@ class Vocab:
     def __len__(self) -> int:
         return len(self.tokens)
 
-    def id_of(self, text: str) -> int | None:
-        try:
-            return self.tokens.index(text)
-        except ValueError:
-            return None
 
+def load_sentencepiece_vocab(ckpt: Checkpoint, n_rows: int) -> Vocab:
+    """Read ``tokenizer.model`` (preferred) or ``tokenizer.json``, then ``added_tokens.json``
+    (USER_DEFINED) and the ``added_tokens_decoder`` of ``tokenizer_config.json`` (special or
+    special-looking → CONTROL, other → USER_DEFINED with ``▁`` written as a space; score
+    -1000), into ``n_rows`` tokens: ids no file names are ``[PAD<id>]`` UNUSED tokens.
 
-def load_sentencepiece_vocab(ckpt: Checkpoint) -> Vocab:
-    """Read ``tokenizer.model`` (preferred) or ``tokenizer.json``, then apply the
-    ``added_tokens_decoder`` of ``tokenizer_config.json`` (special → CONTROL, other →
-    USER_DEFINED), appending added tokens past the base vocabulary.
+    Added tokens with ids ≥ ``n_rows`` have no embedding row and are left out.
 
     Raises:
-        VocabError: no tokenizer file, an unreadable one, or added-token ids with gaps.
+        VocabError: no tokenizer file, an unreadable one, or more base pieces than rows.
     """
     model = ckpt.file("tokenizer.model")
     if model is not None:
-        vocab = _from_sentencepiece_model(model.read_bytes())
+        base = _from_sentencepiece_model(model.read_bytes())
     elif ckpt.file("tokenizer.json") is not None:
-        vocab = _from_tokenizer_json(ckpt.json_file("tokenizer.json") or {})
+        base = _from_tokenizer_json(ckpt.json_file("tokenizer.json") or {})
     else:
         raise VocabError("no tokenizer.model or tokenizer.json in the checkpoint")
+    if len(base) > n_rows:
+        raise VocabError(f"the tokenizer has {len(base)} tokens but vocab_size is {n_rows}")
+    vocab = Vocab(
+        tokens=base.tokens + [f"[PAD{i}]" for i in range(len(base), n_rows)],
+        scores=base.scores + [PAD_SCORE] * (n_rows - len(base)),
+        types=base.types + [int(gguf.TokenType.UNUSED)] * (n_rows - len(base)),
+        add_space_prefix=base.add_space_prefix,
+    )
+    for text, token_id in (ckpt.json_file("added_tokens.json") or {}).items():
+        _apply_added(vocab, token_id, {"content": text, "special": False}, guess=False)
     config = ckpt.json_file("tokenizer_config.json") or {}
     decoder = config.get("added_tokens_decoder") or {}
     for key, token in sorted(decoder.items(), key=lambda item: int(item[0])):
-        _apply_added(vocab, int(key), token)
+        _apply_added(vocab, int(key), token, guess=True)
     return vocab
 
 
@@ -118,28 +140,51 @@ def _from_tokenizer_json(data: dict[str, Any]) -> Vocab:
     return Vocab(tokens, scores, types, add_space_prefix=False)
 
 
-def _apply_added(vocab: Vocab, token_id: int, token: dict[str, Any]) -> None:
+def looks_special(text: str) -> bool:
+    """Added tokens llama.cpp's converter types CONTROL although not marked special
+    (``<|...|>``, ``<unused...>``, ``<pad>``, ``<mask>``, ...)."""
+    return (
+        text in LOOKS_SPECIAL
+        or (text.startswith("<|") and text.endswith("|>"))
+        or (text.startswith("<\uff5c") and text.endswith("\uff5c>"))
+        or (text.startswith("<unused") and text.endswith(">"))
+    )
+
+
+def added_token(text: str, special: bool) -> tuple[str, int]:
+    """(text, type) of an added token: CONTROL if special or special-looking; otherwise
+    USER_DEFINED with ``▁`` written as a space (llama.cpp matches user-defined tokens
+    against raw text)."""
+    if special or looks_special(text):
+        return text, int(gguf.TokenType.CONTROL)
+    return text.replace(SPACE_PIECE, " "), int(gguf.TokenType.USER_DEFINED)
+
+
+def _apply_added(vocab: Vocab, token_id: Any, token: dict[str, Any], *, guess: bool) -> None:
     content = token.get("content")
-    if not isinstance(content, str):
-        raise VocabError(f"added token {token_id} has no 'content'")
-    kind = gguf.TokenType.CONTROL if token.get("special") else gguf.TokenType.USER_DEFINED
-    if token_id < len(vocab):
-        if vocab.types[token_id] != gguf.TokenType.BYTE:
-            vocab.tokens[token_id] = content
-            vocab.types[token_id] = kind
+    if not isinstance(content, str) or not isinstance(token_id, int) or token_id < 0:
+        raise VocabError(f"added token {token_id!r} has no 'content' or a bad id")
+    if token_id >= (n := len(vocab)):
+        # No embedding row (Gemma 3 1B/270M list <image_soft_token> 262144 with
+        # vocab_size 262144): left out, as llama.cpp's converter does.
+        log.warning("added token %d %r is past vocab_size %d: left out", token_id, content, n)
         return
-    if token_id != len(vocab):
-        raise VocabError(f"added token ids skip from {len(vocab) - 1} to {token_id}")
-    vocab.tokens.append(content)
-    vocab.scores.append(-1000.0)
-    vocab.types.append(kind)
+    if vocab.types[token_id] == gguf.TokenType.BYTE:
+        return  # a byte-fallback piece stays a byte (typing it CONTROL breaks decoding)
+    text, kind = added_token(content, bool(token.get("special")))
+    if not guess:  # added_tokens.json has no special flag: user-defined as it is
+        text, kind = content, int(gguf.TokenType.USER_DEFINED)
+    vocab.tokens[token_id] = text
+    vocab.scores[token_id] = ADDED_SCORE
+    vocab.types[token_id] = kind
 
 
 def load_bpe_vocab(ckpt: Checkpoint, n_vocab_rows: int) -> tuple[Vocab, str]:
     """A byte-level BPE ``tokenizer.json`` (gguf-py ``BpeVocab``) and its llama.cpp
-    pre-tokenizer name. Added tokens are CONTROL when ``special``, else USER_DEFINED (as
-    llama.cpp's converter); ids up to ``n_vocab_rows`` (the embedding rows, e.g. 151,936
-    for 151,669 tokens) are filled with ``[PAD<id>]`` UNUSED tokens so rows == tokens.
+    pre-tokenizer name. Added tokens are CONTROL when ``special`` or special-looking, else
+    USER_DEFINED (as llama.cpp's converter, :func:`added_token`); ids up to
+    ``n_vocab_rows`` (the embedding rows, e.g. 151,936 for 151,669 tokens) are filled with
+    ``[PAD<id>]`` UNUSED tokens so rows == tokens.
 
     Raises:
         VocabError: no tokenizer.json, not byte-level BPE, added-token ids with gaps, a
@@ -159,10 +204,11 @@ def load_bpe_vocab(ckpt: Checkpoint, n_vocab_rows: int) -> tuple[Vocab, str]:
     for text, _, kind in bpe.all_tokens():
         # BpeVocab yields base tokens as str and added tokens as UTF-8 bytes.
         token = text.decode("utf-8") if isinstance(text, bytes) else str(text)
+        token_type = int(kind)
+        if kind == gguf.TokenType.CONTROL:  # an added token
+            token, token_type = added_token(token, token in specials)
         tokens.append(token)
-        if kind == gguf.TokenType.CONTROL and token not in specials:
-            kind = gguf.TokenType.USER_DEFINED
-        types.append(int(kind))
+        types.append(token_type)
     if len(tokens) > n_vocab_rows:
         raise VocabError(f"tokenizer.json has {len(tokens)} tokens but only {n_vocab_rows} rows")
     for token_id in range(len(tokens), n_vocab_rows):
@@ -207,40 +253,39 @@ def chat_template(ckpt: Checkpoint) -> str | None:
     return None
 
 
-def write_vocab(
-    writer: gguf.GGUFWriter, ckpt: Checkpoint, vocab: Vocab, *, add_bos: bool, eot: str | None
-) -> None:
+def write_vocab(writer: gguf.GGUFWriter, ckpt: Checkpoint, vocab: Vocab) -> None:
     """Write the SentencePiece vocabulary, special token ids, add-BOS/EOS flags and chat
-    template (``gguf.SpecialVocab`` reads the ids from the tokenizer/config files)."""
+    template (``gguf.SpecialVocab`` reads the ids and the EOS flag from the tokenizer and
+    config files). BOS is always added: transformers 5 saves Gemma tokenizers with
+    ``add_bos_token`` false, and the model needs BOS. No EOT id is written: llama.cpp finds
+    ``<end_of_turn>`` by its text, and llama.cpp's converter writes none."""
     writer.add_tokenizer_model("llama")
     writer.add_tokenizer_pre("default")
     writer.add_token_list(vocab.tokens)
     writer.add_token_scores(vocab.scores)
     writer.add_token_types(vocab.types)
     writer.add_add_space_prefix(vocab.add_space_prefix)
-    _write_special(writer, ckpt, vocab, add_bos=add_bos, merges=False)
-    if eot is not None and (eot_id := vocab.id_of(eot)) is not None:
-        writer.add_eot_token_id(eot_id)
+    _write_special(writer, ckpt, vocab, merges=False, add={"bos": True})
 
 
 def write_bpe_vocab(writer: gguf.GGUFWriter, ckpt: Checkpoint, vocab: Vocab, pre: str) -> None:
     """Write a byte-level BPE vocabulary (``gpt2`` model, ``pre`` pre-tokenizer), its
-    merges, special token ids and chat template. No BOS is added (Qwen has none)."""
+    merges, special token ids and chat template. Neither BOS nor EOS is added: Qwen's
+    ``ByteLevel`` post-processor adds none (llama.cpp's gguf-py ``SpecialVocab`` reads it so,
+    whatever ``tokenizer_config.json`` says)."""
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(pre)
     writer.add_token_list(vocab.tokens)
     writer.add_token_types(vocab.types)
-    _write_special(writer, ckpt, vocab, add_bos=False, merges=True)
+    _write_special(writer, ckpt, vocab, merges=True, add={"bos": False, "eos": False})
 
 
 def _write_special(
-    writer: gguf.GGUFWriter, ckpt: Checkpoint, vocab: Vocab, *, add_bos: bool, merges: bool
+    writer: gguf.GGUFWriter, ckpt: Checkpoint, vocab: Vocab, *, merges: bool, add: dict[str, bool]
 ) -> None:
     special = gguf.SpecialVocab(ckpt.root, load_merges=merges, n_vocab=len(vocab))
     if merges and not special.merges:
         raise VocabError("tokenizer.json has no BPE merges")
     special.chat_template = chat_template(ckpt)
-    # transformers 5 saves Gemma tokenizers with add_bos_token false; the model needs BOS.
-    special.add_special_token["bos"] = add_bos
-    special.add_special_token.setdefault("eos", False)
+    special.add_special_token.update(add)
     special.add_to_gguf(writer, quiet=True)

@@ -45,22 +45,22 @@ class PlannedTensor:
         name: GGUF tensor name (e.g. ``blk.0.attn_q.weight``).
         source: The checkpoint tensor it is made from.
         shape: Output shape in numpy/PyTorch order; GGML's ``ne`` is the reverse
-            (``ne[0]`` is the last, contiguous axis). Axis 0 has the source's rows (cut to
-            ``keep_rows`` when that is set); the trailing axes are the source's unless
-            ``transform`` changes them.
+            (``ne[0]`` is the last, contiguous axis). Axis 0 has the source's rows; the
+            trailing axes are the source's unless ``transform`` changes them.
         transform: Row-wise fix-up, or None: element-wise (e.g. ``+1`` on a norm) or a
             per-row slice/transpose (e.g. one expert's matrix); applied chunk by chunk
             of rows, so it must not mix rows.
-        keep_rows: Keep only the first rows of axis 0 (vocabulary trimming), or None.
         force_type: A GGML type this tensor must have whatever ``--outtype`` says.
+        float_only: F16 when ``--outtype`` is f16, else F32 (a convolution kernel: clip.cpp
+            takes F16/F32 only; llama.cpp's ``MmprojModel.tensor_force_quant``).
     """
 
     name: str
     source: TensorRef
     shape: tuple[int, ...]
     transform: Callable[[np.ndarray], np.ndarray] | None = None
-    keep_rows: int | None = None
     force_type: QT | None = None
+    float_only: bool = False
 
 
 class _StreamedTensor:
@@ -100,6 +100,8 @@ def output_type(tensor: PlannedTensor, outtype: QT) -> QT:
     """The GGML type a tensor is written in (Q8_0 needs rows divisible by 32, else F16)."""
     if tensor.force_type is not None:
         return tensor.force_type
+    if tensor.float_only:
+        return QT.F16 if outtype == QT.F16 else QT.F32
     if len(tensor.shape) == 1:
         return QT.F32
     if outtype == QT.Q8_0 and tensor.shape[-1] % gguf.GGML_QUANT_SIZES[QT.Q8_0][0] != 0:
@@ -148,6 +150,9 @@ def write_gguf(
 ) -> Path:
     """Write a complete GGUF at ``path`` (replacing a symlink itself, never its target).
 
+    ``set_metadata`` is called once every tensor info is declared, so it can read the
+    parameter count from the writer.
+
     Raises:
         OutputExistsError: ``path`` exists and ``force`` is False.
         TensorMappingError: a fix-up produced a shape other than planned.
@@ -158,9 +163,6 @@ def write_gguf(
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         writer = gguf.GGUFWriter(tmp, arch)
-        set_metadata(writer)
-        writer.add_file_type(FILE_TYPES[outtype])
-        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         types = [output_type(t, qtype) for t in tensors]
         sizes = []
         for tensor, ttype in zip(tensors, types, strict=True):
@@ -173,6 +175,11 @@ def write_gguf(
                 nbytes = int(np.prod(byte_shape))
                 writer.add_tensor_info(tensor.name, byte_shape, np.dtype(np.uint8), nbytes, ttype)
             sizes.append(nbytes)
+        # After the tensor infos: general.size_label counts the written parameters
+        # (GGUFWriter.get_total_parameter_count), as llama.cpp's converter does.
+        set_metadata(writer)
+        writer.add_file_type(FILE_TYPES[outtype])
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()

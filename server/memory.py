@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from server.gguf_header import GGUFHeaderError, read_metadata
+from converters.gguf_meta import read_metadata
 
 log = logging.getLogger(__name__)
 
@@ -93,10 +93,9 @@ def kv_bytes_per_token(path: Path) -> int:
     ``attention.key_length`` / ``value_length``, default ``embedding_length /
     head_count``). 0 when the header cannot be read or names no attention (the load
     itself then reports a broken file)."""
-    try:
-        meta = read_metadata(path, want_array=_per_layer)
-    except (GGUFHeaderError, OSError, ValueError) as exc:
-        log.warning("cannot read the GGUF header of %s for the memory estimate: %s", path.name, exc)
+    meta = read_metadata(path, arrays=_per_layer)
+    if meta is None:
+        log.warning("cannot read the GGUF header of %s for the memory estimate", path.name)
         return 0
     arch = meta.get("general.architecture")
     if not isinstance(arch, str):

@@ -12,6 +12,7 @@ and ``multi_modal_projector.*``.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import gguf
@@ -38,6 +39,23 @@ SWA_PATTERN = 6
 SWA_ROPE_BASE = 10_000.0
 # llama.cpp scales attention by 1/sqrt(n_embd/n_head) for its 27B type (62 layers).
 LAYERS_27B = 62
+# transformers' Gemma3TextConfig defaults, which both transformers and llama.cpp's converter
+# (through AutoConfig) use where config.json is silent: google/gemma-3-4b-it's text_config
+# names only the sizes, rope_scaling and sliding_window. The sizes themselves
+# (hidden_size, intermediate_size, num_hidden_layers) stay required.
+TEXT_DEFAULTS: dict[str, Any] = {
+    "vocab_size": 262_208,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 4,
+    "head_dim": 256,
+    "max_position_embeddings": 131_072,
+    "rms_norm_eps": 1e-6,
+    "query_pre_attn_scalar": 256,
+    "sliding_window": 4096,
+}
+# clip.cpp's Gemma 3 pooling when the mmproj names none: 4×4 patches per image token
+# (tools/mtmd/clip.cpp PROJECTOR_TYPE_GEMMA3; every released Gemma 3 uses it).
+DEFAULT_SCALE_FACTOR = 4
 
 
 def normalise(name: str) -> str:
@@ -61,12 +79,24 @@ def plus_one(data: np.ndarray) -> np.ndarray:
     return data + 1.0
 
 
+def plus_one_in_f16(data: np.ndarray) -> np.ndarray:
+    # As plus_one, for a float16 checkpoint: llama.cpp's converter adds in the stored
+    # float16 (torch), so 1 + w is rounded to float16; done alike for identical tensors.
+    return (data.astype(np.float16) + np.float16(1.0)).astype(np.float32)
+
+
+def norm_shift(ref: TensorRef) -> Callable[[np.ndarray], np.ndarray]:
+    """The ``+1`` fix-up for a Gemma RMSNorm weight stored as ``ref``."""
+    return plus_one_in_f16 if ref.dtype == "F16" else plus_one
+
+
 def text_config(ckpt: Checkpoint) -> dict[str, Any]:
-    """The text hparams: ``text_config`` for the multimodal model, the root otherwise."""
+    """The text hparams: ``text_config`` for the multimodal model, the root otherwise, over
+    transformers' defaults for the keys Hub configs leave out (:data:`TEXT_DEFAULTS`)."""
     config = ckpt.config
     if "text_config" in config:
-        return require(config, "text_config", dict, "config.json")
-    return config
+        config = require(config, "text_config", dict, "config.json")
+    return {**TEXT_DEFAULTS, **config}
 
 
 def _rope(c: dict[str, Any], where: str) -> tuple[float, float, dict[str, Any] | None]:
@@ -117,12 +147,11 @@ class Gemma3Text(DecoderConverter):
             )
         self.final_softcap = optional(c, "final_logit_softcapping", (int, float), None, where)
         self._check_graph_compatible(c, where)
-        self.vocab = load_sentencepiece_vocab(ckpt)
-        if len(self.vocab) > self.n_vocab_rows:
-            raise ConfigError(
-                f"{where}: vocab_size {self.n_vocab_rows} is smaller than the tokenizer "
-                f"({len(self.vocab)} tokens)"
-            )
+        # One token per embedding row (vocab_size, e.g. 262,208 = 262,144 pieces +
+        # <image_soft_token> + [PAD] tokens), as llama.cpp's Gemma3Model writes them.
+        self.vocab = load_sentencepiece_vocab(ckpt, self.n_vocab_rows)
+        # llama.cpp's Gemma3Model writes add_space_prefix false whatever tokenizer.model says.
+        self.vocab.add_space_prefix = False
         self.tied = bool(c.get("tie_word_embeddings", ckpt.config.get("tie_word_embeddings", True)))
         self.name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GEMMA3, self.n_layer)
 
@@ -167,9 +196,9 @@ class Gemma3Text(DecoderConverter):
             # Global layers only; llama.cpp keeps the local layers unscaled.
             writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
             writer.add_rope_scaling_factor(float(self.rope_scaling["factor"]))
-        if self.final_softcap is not None:
+        if self.final_softcap:  # 0 means none
             writer.add_final_logit_softcapping(float(self.final_softcap))
-        write_vocab(writer, self.ckpt, self.vocab, add_bos=True, eot="<end_of_turn>")
+        write_vocab(writer, self.ckpt, self.vocab)
 
     def plan_tensors(self) -> list[PlannedTensor]:
         plans = []
@@ -182,15 +211,11 @@ class Gemma3Text(DecoderConverter):
         return plans
 
     def _plan(self, ref: TensorRef, name: str, gguf_name: str) -> PlannedTensor:
-        n_vocab = len(self.vocab)
         kind = gguf_name.split(".")[-2]
+        # token_embd/output keep all vocab_size rows: the vocabulary has a token per row.
         check_shape(ref, self.expected_shapes().get(kind, (self.n_embd,)))
-        if kind in ("token_embd", "output"):
-            # Rows past the tokenizer's vocabulary are padding (262,208 rows, 262,144 +
-            # added tokens): llama.cpp needs rows == tokens (convert_hf_to_gguf.py Gemma3Model).
-            return PlannedTensor(gguf_name, ref, (n_vocab, self.n_embd), keep_rows=n_vocab)
         if name.endswith("norm.weight"):
-            return PlannedTensor(gguf_name, ref, ref.shape, plus_one, force_type=QT.F32)
+            return PlannedTensor(gguf_name, ref, ref.shape, norm_shift(ref), force_type=QT.F32)
         return PlannedTensor(gguf_name, ref, ref.shape)
 
 
@@ -255,7 +280,8 @@ class Gemma3Vision(Converter):
         writer.add_vision_image_mean(self.image_mean)
         writer.add_vision_image_std(self.image_std)
         writer.add_vision_use_gelu(True)
-        writer.add_vision_projector_scale_factor(self.scale_factor)
+        if self.scale_factor != DEFAULT_SCALE_FACTOR:  # as llama.cpp's Gemma3VisionModel
+            writer.add_vision_projector_scale_factor(self.scale_factor)
 
     def plan_tensors(self) -> list[PlannedTensor]:
         plans = []
@@ -296,7 +322,7 @@ class Gemma3Vision(Converter):
             shape = expected.get(gguf_name) or per_block.get(kind) or (e,)
         check_shape(ref, shape)
         if gguf_name == "mm.soft_emb_norm.weight":
-            return PlannedTensor(gguf_name, ref, ref.shape, plus_one, force_type=QT.F32)
+            return PlannedTensor(gguf_name, ref, ref.shape, norm_shift(ref), force_type=QT.F32)
         if gguf_name == "mm.input_projection.weight":
             return PlannedTensor(gguf_name, ref, ref.shape, force_type=QT.F16)
         if gguf_name.startswith(("v.patch_embd", "v.position_embd")):

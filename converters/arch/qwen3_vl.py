@@ -38,8 +38,6 @@ from converters.writer import PlannedTensor
 
 TEXT_WHERE = "config.json text_config"
 VISION_WHERE = "config.json vision_config"
-# transformers Qwen3VLVisionBlock / Qwen3VLVisionPatchMerger: nn.LayerNorm(eps=1e-6).
-VISION_LN_EPS = 1e-6
 
 
 def normalise(name: str) -> str:
@@ -89,7 +87,7 @@ def mrope(c: dict[str, Any]) -> tuple[float, list[int]]:
     if params is None:
         params = {
             **optional(c, "rope_scaling", dict, {}, TEXT_WHERE),
-            "rope_theta": optional(c, "rope_theta", (int, float), 5_000_000.0, TEXT_WHERE),
+            "rope_theta": optional(c, "rope_theta", (int, float), 500_000.0, TEXT_WHERE),
         }
     where = f"{TEXT_WHERE} rope"
     kind = params.get("rope_type", params.get("type", "default"))
@@ -121,7 +119,8 @@ class Qwen3VLText(DecoderConverter):
     def __init__(self, ckpt: Checkpoint):
         super().__init__(ckpt)
         c = text_config(ckpt)
-        self.read_decoder(c, TEXT_WHERE, head_dim=None, n_ctx_train=262_144)
+        # Defaults where config.json is silent: transformers' Qwen3VLTextConfig ones.
+        self.read_decoder(c, TEXT_WHERE, head_dim=128, n_ctx_train=128_000)
         self.rope_theta, self.sections = mrope(c)
         if sum(self.sections) != self.head_dim // 2:
             raise ConfigError(
@@ -312,21 +311,15 @@ class Qwen3VLVision(Converter):
                 f"{VISION_WHERE}: out_hidden_size {self.out_hidden} must equal the text "
                 f"hidden_size {n_embd_text}"
             )
-        # Qwen's defaults (mean/std 0.5, no pixel limits) where no image processor file says.
+        # transformers' ViT LayerNorms use eps 1e-6 (Qwen3VLVisionBlock); llama.cpp's
+        # Qwen3VLVisionModel writes the text rms_norm_eps, which is 1e-6 in every released
+        # Qwen3-VL: written the same way, so the two converters' mmproj files agree.
+        eps = optional(text_config(ckpt), "rms_norm_eps", (int, float), 1e-6, TEXT_WHERE)
+        self.eps = float(eps)
+        # Qwen's defaults (mean/std 0.5) where no image processor file says. The pixel
+        # limits there are not written: clip.cpp fixes Qwen3-VL's (8 to 4096 image tokens).
         self.preprocessor = next(iter(ckpt.image_processor_configs()), {})
         self.name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.MMPROJ, self.n_layer)
-
-    def _pixel_limits(self) -> tuple[int | None, int | None]:
-        """(min, max) pixels: ``size.shortest_edge`` / ``longest_edge`` (which Qwen's
-        image processor reads as pixel counts) or ``min_pixels`` / ``max_pixels``."""
-        p = self.preprocessor
-        size: dict[str, Any] = p["size"] if isinstance(p.get("size"), dict) else {}
-        low = size.get("shortest_edge", p.get("min_pixels"))
-        high = size.get("longest_edge", p.get("max_pixels"))
-        return (
-            low if isinstance(low, int) and low > 0 else None,
-            high if isinstance(high, int) and high > 0 else None,
-        )
 
     def claims(self, name: str) -> bool:
         return normalise(name).startswith("visual.")
@@ -342,17 +335,12 @@ class Qwen3VLVision(Converter):
         writer.add_vision_feed_forward_length(self.n_ff)
         writer.add_vision_block_count(self.n_layer)
         writer.add_vision_head_count(self.n_head)
-        writer.add_vision_attention_layernorm_eps(VISION_LN_EPS)
+        writer.add_vision_attention_layernorm_eps(self.eps)
         writer.add_vision_image_mean(self._stat("image_mean"))
         writer.add_vision_image_std(self._stat("image_std"))
         writer.add_vision_use_gelu(True)
         writer.add_vision_spatial_merge_size(self.merge)
         writer.add_vision_is_deepstack_layers([i in self.deepstack for i in range(self.n_layer)])
-        low, high = self._pixel_limits()
-        if low is not None:
-            writer.add_vision_min_pixels(low)
-        if high is not None:
-            writer.add_uint32(gguf.Keys.ClipVision.IMAGE_MAX_PIXELS, high)
 
     def _stat(self, key: str) -> list[float]:
         values = self.preprocessor.get(key, [0.5, 0.5, 0.5])
@@ -391,10 +379,10 @@ class Qwen3VLVision(Converter):
         gguf_name = self._gguf_name(name, ref.name)
         if gguf_name == "v.patch_embd.weight":
             # Conv3D over 2 frames = the sum of two Conv2D, one per temporal slice
-            # (llama.cpp Qwen3VLVisionModel); kept F32: clip's conv path needs F16/F32.
+            # (llama.cpp Qwen3VLVisionModel); F16 or F32: clip's conv path needs a float.
             check_shape(ref, (e, c, 2, p, p))
             return [
-                PlannedTensor(out, ref, (e, c, p, p), _frame(t), force_type=QT.F32)
+                PlannedTensor(out, ref, (e, c, p, p), _frame(t), float_only=True)
                 for out, t in (("v.patch_embd.weight", 0), ("v.patch_embd.weight.1", 1))
             ]
         stem = gguf_name.rsplit(".", 1)[0]

@@ -149,7 +149,7 @@ def test_interrupted_conversion_leaves_no_entry(gemma3_text_ckpt: Path, tmp_path
         raise KeyboardInterrupt
 
     monkey = pytest.MonkeyPatch()
-    monkey.setattr("converters.convert.quantize", interrupt)
+    monkey.setattr("converters.convert.quantize_and_report", interrupt)
     try:
         with pytest.raises(KeyboardInterrupt):
             pull(store, str(gemma3_text_ckpt), "Q8_0", report=False)

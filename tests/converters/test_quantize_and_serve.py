@@ -29,7 +29,9 @@ def test_each_type_loads_and_generates(
     converted: dict[str, ConversionResult], tmp_path: Path, quant: str
 ) -> None:
     target = tmp_path / f"text-{quant}.gguf"
-    assert main(["quantize", str(converted["text-f32"].text), quant, "--out", str(target)]) == 0
+    # The quality report has its own tests (test_quality.py): skipped here, 8 times ~10 s.
+    command = ["quantize", str(converted["text-f32"].text), quant, "--out", str(target)]
+    assert main([*command, "--no-report"]) == 0
     llama = llama_cpp.Llama(str(target), n_ctx=128, verbose=False)
     assert int(llama.metadata["general.file_type"]) == getattr(llama_cpp, QUANT_TYPES[quant])
     try:
@@ -89,10 +91,14 @@ def test_convert_quantize_register_then_serve(
         "mmproj-tiny-mm-F16.gguf",
         "tiny-mm-F32.gguf",
         "tiny-mm-Q4_K_M.gguf",
+        "tiny-mm-Q4_K_M.gguf.quality.json",
         "tiny-mm-Q8_0.gguf",
+        "tiny-mm-Q8_0.gguf.quality.json",
         "tiny-text-F32.gguf",
         "tiny-text-Q4_K_M.gguf",
+        "tiny-text-Q4_K_M.gguf.quality.json",
         "tiny-text-Q8_0.gguf",
+        "tiny-text-Q8_0.gguf.quality.json",
     ]
     # Registering again updates the entry instead of adding a second one.
     assert (

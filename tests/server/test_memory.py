@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from server.gguf_header import GGUFHeaderError, read_metadata
+from converters.gguf_meta import read_metadata
 from server.memory import (
     MiB,
     Resident,
@@ -121,19 +121,20 @@ def write_gguf(path: Path, arch: str = "llama", **kv: int | list[int]) -> Path:
 
 
 def test_header_reader_skips_arrays(tmp_path: Path) -> None:
-    path = write_gguf(tmp_path / "m.gguf", block_count=4)
-    meta = read_metadata(path)
+    path = write_gguf(tmp_path / "m.gguf", block_count=4, **{"attention.head_count_kv": [2, 4]})
+    meta = read_metadata(path, arrays=lambda key: key.endswith("head_count_kv"))
+    assert meta is not None
     assert meta["general.architecture"] == "llama" and meta["llama.block_count"] == 4
-    assert meta["tokenizer.ggml.tokens"] == 1000  # skipped: its length only
+    assert meta["llama.attention.head_count_kv"] == [2, 4]
+    assert "tokenizer.ggml.tokens" not in meta  # a string array: skipped
 
 
 def test_header_reader_rejects_other_files(tmp_path: Path) -> None:
     (tmp_path / "bad.gguf").write_bytes(b"NOPE" + b"\x00" * 64)
-    with pytest.raises(GGUFHeaderError):
-        read_metadata(tmp_path / "bad.gguf")
+    assert read_metadata(tmp_path / "bad.gguf") is None
     (tmp_path / "short.gguf").write_bytes(b"GGUF\x03\x00\x00\x00\x01")
-    with pytest.raises(GGUFHeaderError):
-        read_metadata(tmp_path / "short.gguf")
+    assert read_metadata(tmp_path / "short.gguf") is None
+    assert read_metadata(tmp_path / "missing.gguf") is None
 
 
 def test_kv_bytes_from_metadata(tmp_path: Path) -> None:
