@@ -56,11 +56,8 @@ def _fn(name: str, restype: Any, *argtypes: Any) -> Any:
     return ctypes.CFUNCTYPE(restype, *argtypes)((name, _ggml()))
 
 
-# enum gguf_type → numpy dtype of an array's elements (numeric arrays only).
-ARRAY_DTYPES = {
-    0: "u1", 1: "i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?",
-    10: "<u8", 11: "<i8", 12: "<f8",
-}  # fmt: skip
+# Element dtype of a numeric array, by the same enum (the scalar readers' ctypes types).
+ARRAY_DTYPES = {kind: np.dtype(ctype) for kind, (_, ctype) in SCALAR_READERS.items() if kind != 8}
 ARRAY = 9
 
 

@@ -53,6 +53,10 @@ def test_pull_local_checkpoint_then_found_not_converted(
     assert gguf.parent.parent == tmp_path / "home" / "models"
     assert sorted(p.name for p in gguf.parent.glob("*.gguf")) == [gguf.name]
     assert record["architecture"] == "gemma3" and record["quant"] == "Q8_0"
+    # The quantization's measured quality shows in ls (from the file's metadata).
+    (row,) = cli(tmp_path / "home", "ls").stdout.splitlines()[1:]
+    assert row.split()[:4] == ["tiny-gemma:Q8_0", "gemma3", "17M", "Q8_0"]
+    assert " KL 0.0" in row and "top1 " in row
     started = time.monotonic()
     second = cli(tmp_path / "home", "pull", str(folder), "--quant", "Q8_0")
     second_s = time.monotonic() - started

@@ -261,10 +261,14 @@ def test_convert_quantize_register_then_serve_images(
         "mmproj-qwen-moe-F16.gguf",
         "qwen-dense-F32.gguf",
         "qwen-dense-Q4_K_M.gguf",
+        "qwen-dense-Q4_K_M.gguf.quality.json",
         "qwen-dense-Q8_0.gguf",
+        "qwen-dense-Q8_0.gguf.quality.json",
         "qwen-moe-F32.gguf",
         "qwen-moe-Q4_K_M.gguf",
+        "qwen-moe-Q4_K_M.gguf.quality.json",
         "qwen-moe-Q8_0.gguf",
+        "qwen-moe-Q8_0.gguf.quality.json",
     ]
     running = server_factory(
         [{"id": "qwen-dense"}, {"id": "qwen-moe"}], models_file=models, api_key=None
