@@ -146,15 +146,18 @@ def _settings(args: argparse.Namespace) -> ServerSettings:
     return ServerSettings(**overrides)
 
 
-def _entries(settings: ServerSettings) -> list[ModelEntry]:
-    """The models.yaml entries chosen by ``--model`` (default: the file's default).
+def _chosen(settings: ServerSettings, store: ModelStore) -> tuple[ModelsFile, list[ModelEntry]]:
+    """The models file and the entries chosen by ``--model`` (default: the file's
+    default); an id names a models.yaml entry first, else a store model.
 
     Raises:
-        ModelsFileError: bad models file or unknown id.
+        ModelsFileError: bad models file, or an id neither has.
     """
     models_file = load_models_file(settings.models_file)
-    ids = settings.models or [models_file.default_id]
-    return [models_file.entry(model_id) for model_id in ids]
+    return models_file, [
+        _entry(models_file, model_id, store)
+        for model_id in settings.models or [models_file.default_id]
+    ]
 
 
 def _entry(models_file: ModelsFile, model_id: str, store: ModelStore) -> ModelEntry:
@@ -186,20 +189,17 @@ def serve(settings: ServerSettings) -> int:
     from server.registry import ModelRegistry
 
     store = ModelStore()
-    models_file = load_models_file(settings.models_file)
-    # --model ids name models.yaml entries first, then the store's.
-    preload = settings.models or [models_file.default_id]
-    known = {entry.id for entry in models_file.models}
-    entries = [_entry(models_file, i, store) for i in preload]
+    models_file, entries = _chosen(settings, store)
     base_dir = settings.models_file.resolve().parent
+    # Store entries hold absolute paths: the same check applies to them.
     for entry in entries:
-        if entry.id in known:
-            check_local(entry.gguf, base_dir, f"entry '{entry.id}': key 'gguf.path'")
-        if entry.mmproj is not None and entry.id in known:
+        check_local(entry.gguf, base_dir, f"entry '{entry.id}': key 'gguf.path'")
+        if entry.mmproj is not None:
             check_local(entry.mmproj, base_dir, f"entry '{entry.id}': key 'mmproj.path'")
     _log_build()
     _check_build(settings)
     # Every models.yaml and store entry is available; the --model ones load at start-up.
+    preload = [entry.id for entry in entries]
     registry = ModelRegistry(models_file.models, base_dir, settings, catalog=store, preload=preload)
     app = create_app(settings, registry)
     # uvicorn re-raises SIGINT/SIGTERM once its graceful shutdown is done; that shutdown
@@ -296,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
             from server.doctor import doctor
 
             base_dir = settings.models_file.resolve().parent
-            return doctor(_entries(settings), base_dir, smoke=args.smoke)
+            return doctor(_chosen(settings, ModelStore())[1], base_dir, smoke=args.smoke)
         if quiet:
             return _store_command(args, settings)
         return serve(settings)

@@ -36,8 +36,9 @@ _UNITS = {
     "t": 1024**4, "tib": 1024**4, "tb": 1000**4,
 }  # fmt: skip
 _SIZE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*)")
+# One part of a split GGUF (llama.cpp's gguf-split naming): groups (part, count).
+SPLIT_GGUF = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$")
 _SIZE_HELP = "a memory size is bytes or a number with a unit: '512MiB', '4GiB', '8GB', '8G'"
-_SPLIT = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$")
 
 
 def parse_bytes(value: Any) -> int:
@@ -78,7 +79,7 @@ def mib(n_bytes: int) -> str:
 
 def file_bytes(path: Path) -> int:
     """Size of a GGUF on disk, all parts of a split one (``-00001-of-00003.gguf``)."""
-    match = _SPLIT.search(path.name)
+    match = SPLIT_GGUF.search(path.name)
     if match is None:
         return path.stat().st_size
     parts = int(match.group(2))

@@ -14,6 +14,7 @@ import re
 import time
 from pathlib import Path
 
+from server.memory import SPLIT_GGUF
 from server.store import ModelStore, StoreError, StoreRecord
 
 log = logging.getLogger(__name__)
@@ -22,7 +23,6 @@ DEFAULT_QUANT = "Q4_K_M"
 # Served as converted, without a quantization pass.
 FLOAT_TYPES = ("F32", "F16", "BF16")
 REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
-SPLIT_SHARD = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$")
 
 
 class PullError(Exception):
@@ -158,14 +158,14 @@ def _local_gguf(store: ModelStore, path: Path) -> tuple[StoreRecord, bool]:
     """Register a local GGUF (not copied) with an ``mmproj-*.gguf`` beside it, if one."""
     if path.suffix.lower() != ".gguf":
         raise PullError(f"'{path.name}' is not a .gguf file")
-    arch, n_params = gguf_summary(path)
-    if arch is None:
-        raise PullError(f"'{path.name}' is not a readable GGUF file")
     stat = path.stat()
     revision = f"local-{stat.st_size}-{stat.st_mtime_ns}"
     found = store.find_key(str(path), revision, "GGUF")
     if found is not None:
         return found, False
+    arch, n_params = gguf_summary(path)  # ~1 s: only for a file not yet recorded
+    if arch is None:
+        raise PullError(f"'{path.name}' is not a readable GGUF file")
     mmprojs = sorted(p for p in path.parent.glob("mmproj*.gguf") if p != path)
     record = StoreRecord(
         id=store.free_id(_clean_name(path.stem), str(path)),
@@ -248,11 +248,11 @@ def _pick(ggufs: list[str], quant: str, repo: str) -> list[str]:
         offered = sorted({Path(f).name for f in ggufs})
         raise PullError(f"'{repo}' has no {quant} GGUF (files: {', '.join(offered[:12])})")
     first = models[0]
-    split = SPLIT_SHARD.search(first)
+    split = SPLIT_GGUF.search(first)
     if split is None:
         return [first]
     stem = first[: split.start()]
-    return [f for f in models if f.startswith(stem) and SPLIT_SHARD.search(f)]
+    return [f for f in models if f.startswith(stem) and SPLIT_GGUF.search(f)]
 
 
 def _download(repo: str, filename: str, commit: str) -> Path:
