@@ -22,7 +22,6 @@ import contextlib
 import importlib.metadata
 import json
 import math
-import os
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -35,14 +34,7 @@ import numpy as np
 from converters.gguf_meta import read_metadata
 from converters.llama_eval import QualityError
 from converters.quality_measure import Reference, calibration, reference_pass
-from converters.quantize import (
-    MetadataValue,
-    QuantizerJob,
-    copy_with_metadata,
-    ftype_of,
-    quantize,
-    run_quantizer,
-)
+from converters.quantize import MetadataValue, copy_with_metadata, ftype_of, quantize
 from converters.writer import atomic_path, check_output
 
 __all__ = [
@@ -158,9 +150,7 @@ def _quantize_measured(
     mark = time.monotonic()
     seconds: dict[str, float] = {}
     with atomic_path(target) as final, scratch_path(target) as raw:
-        threads = n_threads or os.cpu_count() or 1
-        job = QuantizerJob(str(source), str(raw), quant, ftype_of(quant), n_threads=threads)
-        run_quantizer(job)
+        quantize(source, raw, quant, force=True, n_threads=n_threads)
         seconds["quantize"] = time.monotonic() - mark
         reference = get_reference()
         seconds["reference"], mark = reference.seconds, time.monotonic()

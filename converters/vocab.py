@@ -171,9 +171,12 @@ def _apply_added(vocab: Vocab, token_id: Any, token: dict[str, Any], *, guess: b
         return
     if vocab.types[token_id] == gguf.TokenType.BYTE:
         return  # a byte-fallback piece stays a byte (typing it CONTROL breaks decoding)
-    text, kind = added_token(content, bool(token.get("special")))
-    if not guess:  # added_tokens.json has no special flag: user-defined as it is
-        text, kind = content, int(gguf.TokenType.USER_DEFINED)
+    # added_tokens.json has no special flag (not ``guess``): user-defined as it is.
+    text, kind = (
+        added_token(content, bool(token.get("special")))
+        if guess
+        else (content, int(gguf.TokenType.USER_DEFINED))
+    )
     vocab.tokens[token_id] = text
     vocab.scores[token_id] = ADDED_SCORE
     vocab.types[token_id] = kind
