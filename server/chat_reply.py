@@ -17,7 +17,12 @@ from typing import Any
 
 from server.engine.base import Failed, Finished, GenerationEvent, TextDelta, TokenLogprob
 from server.engine.worker import Generation
-from server.errors import APIError, InternalServerError, ModelUnavailableError
+from server.errors import (
+    APIError,
+    InternalServerError,
+    InvalidRequestError,
+    ModelUnavailableError,
+)
 from server.families.base import ContentDelta, ReplyEvent, ReplyParser, ToolCall
 from server.protocol import (
     Choice,
@@ -176,7 +181,19 @@ def failure(event: Failed, request_id: str) -> APIError:
             code="kv_cache_full",
             retry_after_s=2,
         )
+    if event.code in GRAMMAR_FAILURES:
+        return InvalidRequestError(GRAMMAR_FAILURES[event.code], code=event.code)
     return InternalServerError(request_id)
+
+
+# Failed codes of server.engine.sampling's GrammarFailure: the request's constraints are
+# at fault, not the server (400; in a stream, the error event after the partial output).
+GRAMMAR_FAILURES = {
+    "grammar_too_expensive": "The output constraints (response_format or tools) took too "
+    "long to check for one token; simplify the schema.",
+    "grammar_dead_end": "The output constraints (response_format or tools) allow no "
+    "further token; the output was stopped rather than let break them.",
+}
 
 
 ChunkMaker = Callable[..., str]

@@ -44,9 +44,9 @@ from server.engine.base import (
     TextDelta,
     TokenLogprob,
 )
-from server.engine.sampling import logits_row, token_logprob
+from server.engine.sampling import GrammarFailure, logits_row, token_logprob
 from server.engine.sequence import IMAGE_ROW, ImagePiece, Running, Slot, common_prefix
-from server.engine.worker import EngineBusy, EngineClosed, Generation
+from server.engine.worker import EngineBusy, EngineClosed, Generation, StepClock
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +123,7 @@ class Scheduler:
         self._cond = threading.Condition()
         self._closed = False
         self._mean_job_s = 5.0
+        self.step_clock = StepClock()  # liveness: /health and /metrics read it
         self._batch = _internals.LlamaBatch(
             n_tokens=limits.n_batch, embd=0, n_seq_max=limits.n_parallel, verbose=False
         )
@@ -187,6 +188,7 @@ class Scheduler:
 
     def _serve(self) -> None:
         while self._wait_for_work():
+            self.step_clock.start()
             try:
                 self._step()
             except Exception:
@@ -194,6 +196,8 @@ class Scheduler:
                 for slot in self._slots:
                     if slot.running is not None:
                         self._fail(slot, Failed())
+            finally:
+                self.step_clock.stop()
 
     def _wait_for_work(self) -> bool:
         with self._cond:
@@ -456,7 +460,13 @@ class Scheduler:
         if request.logprobs is not None:
             # Copied before sampling: the row is llama.cpp's buffer.
             logits = logits_row(self._ctx, row, self._limits.n_vocab).copy()
-        token = running.sampler.sample(self._ctx, row)
+        try:
+            token = running.sampler.sample(self._ctx, row)
+        except GrammarFailure as exc:
+            # Only this sequence ends; the others in the batch go on.
+            log.warning("generation failed by its grammar: %s", exc)
+            self._fail(slot, Failed(code=exc.code))
+            return
         if logits is not None and not self._is_eog(token):
             running.logprobs.append(
                 token_logprob(logits, token, request.logprobs or 0, self._shown_piece)

@@ -10,9 +10,40 @@ import threading
 import time
 from collections.abc import AsyncIterator
 
-from server.engine.base import Failed, Finished, GenerationEvent, GenerationRequest
+from server.engine.base import (
+    Failed,
+    Finished,
+    GenerationEvent,
+    GenerationRequest,
+    Histogram,
+)
 
 log = logging.getLogger(__name__)
+
+# Upper bounds of the scheduler step histogram, seconds (a step is ~1 ms to seconds).
+STEP_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class StepClock:
+    """When the owner thread's current scheduler step began and how long steps took, for
+    liveness (``/health``) and metrics. Written by the owner thread, read anywhere."""
+
+    def __init__(self) -> None:
+        self.durations = Histogram(STEP_BUCKETS_S, [0] * (len(STEP_BUCKETS_S) + 1))
+        self._started_at: float | None = None
+
+    def start(self) -> None:
+        self._started_at = time.monotonic()
+
+    def stop(self) -> None:
+        started, self._started_at = self._started_at, None
+        if started is not None:
+            self.durations.observe(time.monotonic() - started)
+
+    def age_s(self) -> float:
+        """Seconds the current step has run (0 between steps)."""
+        started = self._started_at
+        return 0.0 if started is None else time.monotonic() - started
 
 
 class EngineBusy(Exception):

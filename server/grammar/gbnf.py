@@ -9,6 +9,7 @@ from typing import Any
 
 from llama_cpp.llama_grammar import PRIMITIVE_RULES, SPACE_RULE, SchemaConverter
 
+from server.grammar.cost import DEFAULT_LIMITS, GrammarLimits
 from server.grammar.keywords import ANY_TYPES, UnsupportedSchemaError, join, spellable
 from server.grammar.schema import SchemaNormalizer
 
@@ -50,7 +51,7 @@ def convert(document: dict[str, Any], name: str, *, pretty: bool = False) -> tup
     return (rules.replace(_SPACE_RULE, _PRETTY_SPACE_RULE) if pretty else rules), top
 
 
-def json_schema_gbnf(schema: dict[str, Any]) -> str:
+def json_schema_gbnf(schema: dict[str, Any], *, limits: GrammarLimits = DEFAULT_LIMITS) -> str:
     """GBNF (root rule ``root``) for JSON text that is an instance of ``schema``.
 
     Objects with ``properties`` are closed (extra keys are never written, whatever
@@ -58,10 +59,12 @@ def json_schema_gbnf(schema: dict[str, Any]) -> str:
     first; strings never hold raw control characters; whitespace is at most one space
     between tokens. The output is always valid for ``schema``, sometimes narrower.
 
+    Thread-safe: every call builds its own state.
+
     Raises:
-        UnsupportedSchemaError: as :func:`server.grammar.check_schema`.
+        UnsupportedSchemaError: as :func:`server.grammar.check_schema` (with ``limits``).
     """
-    normalizer = SchemaNormalizer()
+    normalizer = SchemaNormalizer(limits)
     document = normalizer.document(normalizer.add(schema, ""))
     rules, top = convert(document, _SCHEMA_RULE)
     return f"root ::= {top}\n{rules}\n"
@@ -98,7 +101,12 @@ class CallSyntax:
 
 
 def tool_calls_gbnf(
-    tools: list[dict[str, Any]], syntax: CallSyntax, *, max_calls: int = 1, lead: str = ""
+    tools: list[dict[str, Any]],
+    syntax: CallSyntax,
+    *,
+    max_calls: int = 1,
+    lead: str = "",
+    limits: GrammarLimits = DEFAULT_LIMITS,
 ) -> str:
     """GBNF for 1 to ``max_calls`` tool calls in ``syntax``.
 
@@ -114,17 +122,19 @@ def tool_calls_gbnf(
             model that repeats its call cannot loop to ``max_tokens``.
         lead: Literal text that must come first (e.g. ``"</think>"``), followed by up to
             8 spaces, tabs or newlines.
+        limits: Cost bounds for all the tools together (one grammar).
 
     Raises:
         UnsupportedSchemaError: no tools; a tool that is not a function, has no usable
             name (empty, repeated, or with quotes, backslashes or control characters), or
             whose ``parameters`` is not an object schema; or anything
             :func:`server.grammar.check_schema` refuses in ``parameters`` (paths start
-            with ``tools[i].function.parameters``).
+            with ``tools[i].function.parameters``), or tools past ``limits`` together.
     """
     if not tools:
         raise UnsupportedSchemaError("tools", "tools", "must list at least one function")
-    normalizer = SchemaNormalizer()
+    normalizer = SchemaNormalizer(limits)
+    record = normalizer.tracker.record
     calls = []
     names: set[str] = set()
     for index, tool in enumerate(tools):
@@ -133,8 +143,13 @@ def tool_calls_gbnf(
         if arguments.get("type") == ANY_TYPES:  # parameters {}: any object
             arguments = {"type": "object"}
         call = {"name": {"const": name}, syntax.arguments_key: arguments}
-        calls.append({"type": "object", "properties": call, "required": list(call)})
-    rules, top = convert(normalizer.document({"anyOf": calls}), _CALL_RULE, pretty=True)
+        path = f"tools[{index}].function"
+        call = {key: record(value, "function", path) for key, value in call.items()}
+        calls.append(
+            record({"type": "object", "properties": call, "required": list(call)}, "function", path)
+        )
+    document = normalizer.document(record({"anyOf": calls}, "tools", "tools"))
+    rules, top = convert(document, _CALL_RULE, pretty=True)
     return _wrap_calls(rules, top, syntax, max_calls=max_calls, lead=lead)
 
 
@@ -147,7 +162,9 @@ def _function(tool: Any, index: int, names: set[str]) -> tuple[str, Any]:
     if not isinstance(function, dict):
         raise UnsupportedSchemaError("function", path, "must be an object")
     name = function.get("name")
-    if not isinstance(name, str) or not name or not spellable(name) or name in names:
+    if not isinstance(name, str):
+        raise UnsupportedSchemaError("name", join(path, "function"), "must be a string")
+    if not name or not spellable(name) or name in names:
         reason = "repeats another tool's name" if name in names else "is missing or unusable"
         raise UnsupportedSchemaError("name", join(path, "function"), reason)
     names.add(name)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 import string
+from dataclasses import dataclass
 
 from server.grammar.keywords import MAX_REPEAT
 
@@ -23,6 +24,8 @@ Ranges = list[tuple[int, int]]
 
 # Characters a JSON string cannot hold raw: controls, '"' and '\'.
 _FORBIDDEN: Ranges = [(0x00, 0x1F), (0x22, 0x22), (0x5C, 0x5C)]
+# Code points no UTF-8 text holds: a class of only these matches nothing.
+_NOT_TEXT: Ranges = [(0xD800, 0xDFFF), (0x110000, 0x7FFFFFFF)]
 _JSON_ESCAPES = {'"': '"', "\\": "\\", "\b": "b", "\f": "f", "\n": "n", "\r": "r", "\t": "t"}
 _DIGIT: Ranges = [(0x30, 0x39)]
 _WORD: Ranges = [(0x30, 0x39), (0x41, 0x5A), (0x5F, 0x5F), (0x61, 0x7A)]
@@ -35,7 +38,10 @@ _SHORTHANDS = {"d": _DIGIT, "w": _WORD, "s": _SPACE}
 _CONTROL_ESCAPES = {"t": 0x09, "n": 0x0A, "v": 0x0B, "f": 0x0C, "r": 0x0D}
 # Passed to SchemaConverter as raw literal text; everything else goes through a class.
 _RAW_SAFE = frozenset(string.ascii_letters + string.digits + " !#%&',-/:;<=>@_`~")
-_QUANTIFIER = re.compile(r"\{(\d+)(,(\d*))?\}")
+# ASCII digits only: ECMA-262 reads other digits as literal text.
+_QUANTIFIER = re.compile(r"\{([0-9]+)(,([0-9]*))?\}")
+# Longest bound read with int(): MAX_REPEAT has 4 digits; Python refuses over 4,300.
+_MAX_BOUND_DIGITS = 9
 _GROUP_NAME = re.compile(r"\?<[A-Za-z_$][\w$]*>")
 
 
@@ -43,17 +49,61 @@ class PatternError(ValueError):
     """The pattern uses syntax the grammar cannot enforce; ``str()`` says which."""
 
 
-def json_safe_pattern(pattern: str) -> tuple[str, int]:
+@dataclass(frozen=True)
+class Shape:
+    """Size of a (sub)pattern once the grammar expands it.
+
+    Attributes:
+        positions: Character positions, bounded repetition expanded (``(ab){3}``: 6).
+        width: Parse alternatives it can keep alive at once in llama.cpp: bounded
+            repetition of a variable-length body multiplies (``(a{0,9}){0,9}``: 81
+            (copy, position) pairs), repetition of one character does not (``a{0,9}``: 2).
+        simple: One character or class, unquantified.
+    """
+
+    positions: int
+    width: int
+    simple: bool = False
+
+
+_ONE_CHAR = Shape(1, 1, simple=True)
+_EMPTY = Shape(0, 0)
+_ANYTHING = Shape(1, 2)  # the `.*` added at an unanchored end
+
+
+def _repeat(shape: Shape, low: int, high: int | None) -> Shape:
+    """Shape of ``x{low,high}`` (high None: unbounded) for ``x`` of ``shape``."""
+    copies = max(high if high is not None else low + 1, 1)
+    positions = shape.positions * copies
+    if shape.simple:
+        return Shape(positions, 2)
+    if high is not None and high <= 1:
+        return Shape(positions, shape.width + 1)
+    # Copies are distinct grammar positions (an unbounded tail recurses over one copy):
+    # an ambiguous split of the text keeps every position of every copy alive.
+    return Shape(positions, max(positions, shape.width + 1))
+
+
+def _join(shapes: list[Shape]) -> Shape:
+    """Shape of a sequence or an alternation of ``shapes`` (both: sums)."""
+    if len(shapes) == 1:
+        return shapes[0]
+    return Shape(sum(s.positions for s in shapes), sum(s.width for s in shapes))
+
+
+def json_safe_pattern(pattern: str) -> tuple[str, int, Shape]:
     """Rewrite ``pattern`` for SchemaConverter (anchored ``^...$``, JSON-safe classes).
 
     Returns:
-        The rewritten pattern and the sum of its repetition bounds (a size budget).
+        The rewritten pattern, the sum of its repetition bounds (a size budget), and its
+        :class:`Shape` (the grammar's cost drivers).
 
     Raises:
         PatternError: lookarounds, backreferences, word boundaries, ``\\p{..}``, flags,
             unbalanced brackets, anchors inside the pattern, top-level alternatives next to
-            an anchor, a quantifier with nothing to repeat or above 1000, a class that only
-            holds characters JSON must escape, or groups nested deeper than 32.
+            an anchor, a quantifier with nothing to repeat or above 1000, a class that
+            matches no character a JSON string can hold unescaped (so the pattern could
+            match nothing), or groups nested deeper than 32.
     """
     body = pattern
     anchored_start = body.startswith("^")
@@ -63,7 +113,7 @@ def json_safe_pattern(pattern: str) -> tuple[str, int]:
     if anchored_end:
         body = body[:-1]
     parser = _Parser(body)
-    text, alternatives = parser.alternation(0)
+    text, alternatives, shape = parser.alternation(0)
     if parser.pos != len(body):
         raise PatternError("has an unbalanced ')'")
     if alternatives and (anchored_start or anchored_end):
@@ -74,7 +124,8 @@ def json_safe_pattern(pattern: str) -> tuple[str, int]:
     anything = _emit_class([], negated=True) + "*"
     head = "" if anchored_start else anything
     tail = "" if anchored_end else anything
-    return f"^{head}{text}{tail}$", parser.repeats
+    ends = [_ANYTHING for anchored in (anchored_start, anchored_end) if not anchored]
+    return f"^{head}{text}{tail}$", parser.repeats, _join([shape, *ends])
 
 
 def _unescaped(text: str, index: int) -> bool:
@@ -117,9 +168,11 @@ def _hex(code: int) -> str:
 def _emit_class(ranges: Ranges, *, negated: bool) -> str:
     if negated:
         items = _merge(ranges + _FORBIDDEN)
+        if _merge(items + _NOT_TEXT) == [(0, _NOT_TEXT[-1][1])]:
+            raise PatternError("has a negated class that matches no character")
     else:
         items = _subtract(ranges, _FORBIDDEN)
-        if not items:
+        if not _subtract(items, _NOT_TEXT):
             raise PatternError("has a class that only matches characters JSON must escape")
     body = "".join(_hex(lo) if lo == hi else f"{_hex(lo)}-{_hex(hi)}" for lo, hi in items)
     return f"[{'^' if negated else ''}{body}]"
@@ -149,41 +202,47 @@ class _Parser:
         index = self.pos + offset
         return self.text[index] if index < len(self.text) else None
 
-    def alternation(self, depth: int) -> tuple[str, bool]:
+    def alternation(self, depth: int) -> tuple[str, bool, Shape]:
         parts = [self._sequence(depth)]
         while self._peek() == "|":
             self.pos += 1
             parts.append(self._sequence(depth))
-        return "|".join(parts), len(parts) > 1
+        shape = _join([shape for _, shape in parts])
+        if len(parts) > 1:
+            shape = Shape(shape.positions, shape.width)  # never simple
+        return "|".join(text for text, _ in parts), len(parts) > 1, shape
 
-    def _sequence(self, depth: int) -> str:
+    def _sequence(self, depth: int) -> tuple[str, Shape]:
         out = []
+        shapes = []
         while (char := self._peek()) is not None and char not in "|)":
-            atom = self._atom(depth)
-            out.append(atom + self._quantifier())
-        return "".join(out)
+            atom, shape = self._atom(depth)
+            quantifier, bounds = self._quantifier()
+            out.append(atom + quantifier)
+            shapes.append(_repeat(shape, *bounds) if bounds is not None else shape)
+        return "".join(out), _join(shapes) if shapes else _EMPTY
 
-    def _atom(self, depth: int) -> str:
+    def _atom(self, depth: int) -> tuple[str, Shape]:
         char = self.text[self.pos]
         if char == "(":
             return self._group(depth)
         if char == "[":
-            return self._class()
+            return self._class(), _ONE_CHAR
         self.pos += 1
         if char == ".":
-            return _emit_class(_LINE_TERMINATORS, negated=True)
+            return _emit_class(_LINE_TERMINATORS, negated=True), _ONE_CHAR
         if char == "\\":
             escaped = self._escape(in_class=False)
             if isinstance(escaped, int):
-                return _emit_char(escaped)
-            return _emit_class(escaped[0], negated=escaped[1])
+                return _emit_char(escaped), _ONE_CHAR
+            return _emit_class(escaped[0], negated=escaped[1]), _ONE_CHAR
         if char in "^$":
             raise PatternError(f"has '{char}' inside the pattern (only at its ends)")
         if char in "*+?" or (char == "{" and _QUANTIFIER.match(self.text, self.pos - 1)):
             raise PatternError(f"has '{char}' with nothing to repeat")
-        return _emit_char(ord(char))
+        return _emit_char(ord(char)), _ONE_CHAR
 
-    def _group(self, depth: int) -> str:
+    def _group(self, depth: int) -> tuple[str, Shape]:
         if depth >= MAX_GROUP_DEPTH:
             raise PatternError(f"nests groups deeper than {MAX_GROUP_DEPTH}")
         self.pos += 1
@@ -194,20 +253,25 @@ class _Parser:
                 self.pos = match.end()
             else:
                 raise PatternError("has a lookaround or inline flags '(?...)'")
-        inner, _ = self.alternation(depth + 1)
+        inner, _, shape = self.alternation(depth + 1)
         if self._peek() != ")":
             raise PatternError("has an unbalanced '('")
         self.pos += 1
-        return f"({inner})"
+        return f"({inner})", shape
 
-    def _quantifier(self) -> str:
+    def _quantifier(self) -> tuple[str, tuple[int, int | None] | None]:
+        """The quantifier after an atom, re-spelled, and its (low, high) bounds (high None:
+        unbounded); ("", None) when there is none."""
         char = self._peek()
         if char is not None and char in "*+?":
             self.pos += 1
             quantifier = char
+            bounds: tuple[int, int | None] = {"*": (0, None), "+": (1, None), "?": (0, 1)}[char]
         elif char == "{" and (match := _QUANTIFIER.match(self.text, self.pos)):
             self.pos = match.end()
             low, comma, high_text = match.group(1), match.group(2), match.group(3)
+            if max(len(low), len(high_text or "")) > _MAX_BOUND_DIGITS:
+                raise PatternError(f"repeats more than {MAX_REPEAT} times")
             high = int(high_text) if high_text else None
             if max(int(low), high or 0) > MAX_REPEAT:
                 raise PatternError(f"repeats more than {MAX_REPEAT} times")
@@ -215,8 +279,9 @@ class _Parser:
                 raise PatternError(f"has a quantifier out of order '{match.group(0)}'")
             self.repeats += max(int(low), high or 0)
             quantifier = f"{{{int(low)}{',' if comma else ''}{high if high is not None else ''}}}"
+            bounds = (int(low), high if comma else int(low))
         else:
-            return ""
+            return "", None
         if self._peek() == "?":
             self.pos += 1  # lazy: a full match accepts the same strings
         following = self._peek()
@@ -224,7 +289,7 @@ class _Parser:
             following in "*+?" or (following == "{" and _QUANTIFIER.match(self.text, self.pos))
         ):
             raise PatternError(f"has '{following}' with nothing to repeat")
-        return quantifier
+        return quantifier, bounds
 
     def _class(self) -> str:
         self.pos += 1
@@ -273,7 +338,7 @@ class _Parser:
             return 0x08
         if char in _CONTROL_ESCAPES:
             code = _CONTROL_ESCAPES[char]
-        elif char == "0" and not (self._peek() or "").isdigit():
+        elif char == "0" and (self._peek() or "") not in string.digits:
             code = 0
         elif char in "xu":
             code = self._hex_escape(char)

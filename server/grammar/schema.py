@@ -11,9 +11,11 @@ property rule can shadow a definition); annotations are dropped.
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 from urllib.parse import unquote
 
+from server.grammar.cost import DEFAULT_LIMITS, CostTracker, GrammarLimits, WidthMeter
 from server.grammar.keywords import (
     ANNOTATIONS,
     ANY_TYPES,
@@ -37,6 +39,8 @@ _HINTS = {
     "additionalItems": "is not supported; use prefixItems",
 }
 _ABSENT = object()
+# A JSON pointer array index (RFC 6901): ASCII digits, no leading zero; 10 digits at most.
+_INDEX = re.compile(r"0|[1-9][0-9]{0,9}")
 
 
 def check_schema(schema: dict[str, Any]) -> None:
@@ -52,7 +56,12 @@ def check_schema(schema: dict[str, Any]) -> None:
             between, a ``required`` name missing from ``properties``, strings the grammar
             cannot spell (quotes, backslashes, controls or non-BMP characters in property
             names and ``enum``/``const`` values), repetition bounds above 1000 (20000 in
-            all), or nesting deeper than 64.
+            all), nesting deeper than 64, a keyword whose value has the wrong JSON type
+            (``required`` not a list of strings, ``type`` not a type name or a list of
+            them, ...), or a grammar past the cost limits of
+            :class:`server.grammar.cost.GrammarLimits` (enum size, optional properties,
+            pattern width, parse alternatives alive at once, nodes, ``$ref`` depth).
+            Every check is one pass over the schema (linear time).
     """
     normalizer = SchemaNormalizer()
     normalizer.document(normalizer.add(schema, ""))
@@ -62,10 +71,12 @@ class SchemaNormalizer:
     """Checks JSON schemas and rewrites them for SchemaConverter (see the module doc).
 
     Add one or more documents with :meth:`add` (each resolves its own local ``$ref``), then
-    build the converter's input with :meth:`document`.
+    build the converter's input with :meth:`document`. ``limits`` bound all the documents
+    together. One instance per grammar; instances share no state (thread-safe).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, limits: GrammarLimits = DEFAULT_LIMITS) -> None:
+        self.tracker = CostTracker(limits, where={}, leaf_width={})
         self.defs: dict[str, dict[str, Any]] = {}
         self._def_paths: dict[str, str] = {}
         self._names: dict[tuple[int, tuple[str, ...]], str] = {}
@@ -93,9 +104,11 @@ class SchemaNormalizer:
 
         Raises:
             UnsupportedSchemaError: a ``$ref`` cycle with no object or array in between
-                (a left-recursive grammar llama.cpp refuses).
+                (a left-recursive grammar llama.cpp refuses), or a grammar wider than
+                the limits allow (see :class:`server.grammar.cost.WidthMeter`).
         """
         self._check_cycles()
+        WidthMeter(self.tracker, self.defs).width(root)
         if "$ref" in root:
             # resolve_refs skips the siblings of a $ref node: keep $defs off that node.
             root = {"anyOf": [root]}
@@ -106,26 +119,41 @@ class SchemaNormalizer:
 
         Raises:
             UnsupportedSchemaError: non-finite numbers, strings :func:`spellable` refuses,
-                or objects with a ``$ref`` key (resolve_refs would rewrite them).
+                objects with a ``$ref`` key (resolve_refs would rewrite them), values
+                that are not JSON, nested deeper than 64 levels, or enum/const text past
+                the limits.
         """
-        if isinstance(value, str) and not spellable(value):
-            raise UnsupportedSchemaError(
-                keyword, path, "holds quotes, backslashes, control or non-BMP characters"
-            )
-        if isinstance(value, float) and not math.isfinite(value):
-            raise UnsupportedSchemaError(keyword, path, "holds a non-finite number")
-        if isinstance(value, dict):
-            if "$ref" in value:
-                raise UnsupportedSchemaError(keyword, path, "holds an object with a '$ref' key")
-            for key, item in value.items():
-                self.literal(key, keyword, path)
-                self.literal(item, keyword, path)
-        if isinstance(value, list):
-            for item in value:
-                self.literal(item, keyword, path)
+        stack = [(value, 0)]  # iterative: a value nested thousands deep is no RecursionError
+        while stack:
+            item, depth = stack.pop()
+            if depth > MAX_DEPTH:
+                raise UnsupportedSchemaError(keyword, path, f"nests deeper than {MAX_DEPTH}")
+            if isinstance(item, str):
+                if not spellable(item):
+                    raise UnsupportedSchemaError(
+                        keyword, path, "holds quotes, backslashes, control or non-BMP characters"
+                    )
+                self.tracker.count_literal(keyword, path, len(item) + 2)
+            elif isinstance(item, float) and not math.isfinite(item):
+                raise UnsupportedSchemaError(keyword, path, "holds a non-finite number")
+            elif isinstance(item, dict):
+                if "$ref" in item:
+                    raise UnsupportedSchemaError(keyword, path, "holds an object with a '$ref' key")
+                stack += [(part, depth + 1) for pair in item.items() for part in pair]
+            elif isinstance(item, list):
+                stack += [(part, depth + 1) for part in item]
+            elif item is not None and not isinstance(item, (bool, int, float)):
+                raise UnsupportedSchemaError(keyword, path, "holds a value that is not JSON")
+            else:
+                self.tracker.count_literal(keyword, path, len(repr(item)))
 
     def node(self, node: Any, path: str, depth: int, doc: Any, via: str) -> dict[str, Any]:
         """Normalize one schema node (``via``: the keyword that led here, for errors)."""
+        self.tracker.count_node(path)
+        out = self._node(node, path, depth, doc, via)
+        return self.tracker.record(out, _construct(node, out), path)
+
+    def _node(self, node: Any, path: str, depth: int, doc: Any, via: str) -> dict[str, Any]:
         if depth > MAX_DEPTH:
             raise UnsupportedSchemaError(via, path, f"nests deeper than {MAX_DEPTH} levels")
         if node is True:
@@ -156,7 +184,7 @@ class SchemaNormalizer:
         kind = node.get("type")
         if isinstance(kind, list):
             return self._type_list(node, keys, path, depth, doc)
-        if kind is not None and kind not in TYPES:
+        if kind is not None and (not isinstance(kind, str) or kind not in TYPES):
             raise UnsupportedSchemaError("type", path, f"has an unknown type {kind!r}")
         kind = kind or _infer_type(keys, path)
         if kind is None:
@@ -194,8 +222,12 @@ class SchemaNormalizer:
         values = [node["const"]] if keyword == "const" else node["enum"]
         if not isinstance(values, list) or not values:
             raise UnsupportedSchemaError("enum", path, "must be a non-empty list")
+        limit = self.tracker.limits.max_enum_values
+        self.tracker.check_count("enum", path, len(values), limit, "values")
         kinds = node.get("type")
         kinds = [kinds] if isinstance(kinds, str) else kinds
+        if kinds is not None and not _type_names(kinds):
+            raise UnsupportedSchemaError("type", path, "must be a type name or a list of them")
         for value in values:
             self.literal(value, keyword, path)
             if kinds is not None and not any(k in TYPES and is_type(value, k) for k in kinds):
@@ -206,7 +238,7 @@ class SchemaNormalizer:
         self, node: dict[str, Any], keys: list[str], path: str, depth: int, doc: Any
     ) -> dict[str, Any]:
         kinds = node["type"]
-        if not kinds or any(k not in TYPES for k in kinds) or len(set(kinds)) != len(kinds):
+        if not _type_names(kinds) or len(set(kinds)) != len(kinds):
             raise UnsupportedSchemaError("type", path, "must list distinct JSON types")
         for key in keys:
             if key != "type" and not any(key in GROUPS.get(k, ()) for k in kinds):
@@ -233,15 +265,20 @@ class SchemaNormalizer:
             sub_path = join(path, "properties", name)
             out_properties[name] = self.node(schema, sub_path, depth + 1, doc, "properties")
         required = node.get("required", [])
-        if not isinstance(required, list):
-            raise UnsupportedSchemaError("required", path, "must be a list")
+        if not isinstance(required, list) or not all(isinstance(n, str) for n in required):
+            raise UnsupportedSchemaError("required", path, "must be a list of property names")
         for name in required:
             if name not in out_properties:
                 raise UnsupportedSchemaError("required", path, f"names {name!r}, not a property")
+        optional = len(out_properties.keys() - set(required))
+        limit = self.tracker.limits.max_optional_properties
+        self.tracker.check_count(
+            "properties", path, optional, limit, "optional properties (make more required)"
+        )
         extra = node.get("additionalProperties", _ABSENT)
-        if "properties" not in node and extra in (_ABSENT, True):
+        if "properties" not in node and (extra is _ABSENT or extra is True):
             return {"type": "object"}  # any object
-        if not (extra in (_ABSENT, True, False) or isinstance(extra, dict)):
+        if not (extra is _ABSENT or isinstance(extra, (bool, dict))):
             raise UnsupportedSchemaError("additionalProperties", path, "must be a bool or schema")
         # Objects with properties are closed: the converter's extra keys could repeat a
         # declared one with any value. Never writing extras is still valid (OpenAI strict).
@@ -303,13 +340,18 @@ class SchemaNormalizer:
             if not isinstance(node["pattern"], str):
                 raise UnsupportedSchemaError("pattern", path, "must be a string")
             try:
-                pattern, repeats = json_safe_pattern(node["pattern"])
+                pattern, repeats, shape = json_safe_pattern(node["pattern"])
             except PatternError as exc:
                 raise UnsupportedSchemaError("pattern", path, str(exc)) from None
             self._spend("pattern", path, repeats)
-            return {"type": "string", "pattern": pattern}
+            limit = self.tracker.limits.max_pattern_width
+            what = "parse alternatives alive at once (nested repetition)"
+            self.tracker.check_count("pattern", path, shape.width, limit, what)
+            pattern_node = {"type": "string", "pattern": pattern}
+            self.tracker.leaf_width[id(pattern_node)] = shape.width
+            return pattern_node
         if "format" in node:
-            if node["format"] not in FORMATS:
+            if not isinstance(node["format"], str) or node["format"] not in FORMATS:
                 raise UnsupportedSchemaError(
                     "format", path, f"{node['format']!r} is not one of {', '.join(FORMATS)}"
                 )
@@ -358,7 +400,11 @@ class SchemaNormalizer:
             for segment in segments:
                 if isinstance(target, dict) and segment in target:
                     target = target[segment]
-                elif isinstance(target, list) and segment.isdigit() and int(segment) < len(target):
+                elif (
+                    isinstance(target, list)
+                    and _INDEX.fullmatch(segment)
+                    and int(segment) < len(target)
+                ):
                     target = target[int(segment)]
                 else:
                     raise UnsupportedSchemaError("$ref", path, f"{ref!r} does not resolve")
@@ -371,21 +417,33 @@ class SchemaNormalizer:
         return f"#/$defs/{self._names[key]}"
 
     def _check_cycles(self) -> None:
-        # Peel off definitions whose heads are all peeled; what is left reaches a cycle.
-        left = {name: _heads(schema) for name, schema in self.defs.items()}
-        peeled = True
-        while peeled:
-            done = [name for name, heads in left.items() if not heads & left.keys()]
-            peeled = bool(done)
-            for name in done:
-                del left[name]
+        # Peel definitions whose heads are all peeled (Kahn's algorithm, linear); a
+        # definition left over reaches a cycle through its heads.
+        heads = {name: _heads(schema) for name, schema in self.defs.items()}
+        waiting = {name: len(names) for name, names in heads.items()}
+        users: dict[str, list[str]] = {name: [] for name in heads}
+        for name, names in heads.items():
+            for head in names:
+                users[head].append(name)
+        ready = [name for name, count in waiting.items() if count == 0]
+        while ready:
+            for user in users[ready.pop()]:
+                waiting[user] -= 1
+                if waiting[user] == 0:
+                    ready.append(user)
+        left = {name for name, count in waiting.items() if count}
         if left:
-            name, seen = next(iter(left)), set()
+            name, seen = next(n for n in self.defs if n in left), set()
             while name not in seen:  # walk until a definition repeats: it is on the cycle
                 seen.add(name)
-                name = next(head for head in left[name] if head in left)
+                name = next(head for head in heads[name] if head in left)
             reason = "recurses with no object or array between"
             raise UnsupportedSchemaError("$ref", self._def_paths[name], reason)
+
+
+def _index(segment: str) -> int:
+    """A JSON pointer segment as an array index, or -1 when it is not one."""
+    return int(segment) if _INDEX.fullmatch(segment) else -1
 
 
 def _only(keys: list[str], keyword: str, path: str) -> None:
@@ -402,8 +460,32 @@ def _infer_type(keys: list[str], path: str) -> str | None:
     return kinds[0] if kinds else None
 
 
-def _heads(schema: dict[str, Any]) -> set[str]:
-    """Definitions a schema can start with before consuming any text."""
-    if "$ref" in schema:
-        return {schema["$ref"].rsplit("/", 1)[-1]}
-    return set().union(*(_heads(b) for b in schema.get("anyOf", ())))
+def _heads(schema: dict[str, Any]) -> list[str]:
+    """Definitions a schema can start with before consuming any text (distinct, in order)."""
+    found: dict[str, None] = {}
+    stack = [schema]
+    while stack:
+        node = stack.pop()
+        if "$ref" in node:
+            found[node["$ref"].rsplit("/", 1)[-1]] = None
+        stack += reversed(node.get("anyOf", ()))
+    return list(found)
+
+
+def _type_names(kinds: Any) -> bool:
+    """Whether ``kinds`` is a non-empty list of JSON-schema type names."""
+    return (
+        isinstance(kinds, list)
+        and bool(kinds)
+        and all(isinstance(k, str) and k in TYPES for k in kinds)
+    )
+
+
+def _construct(node: Any, out: dict[str, Any]) -> str:
+    """The keyword that makes a normalized node what it is (named when it is too costly)."""
+    for keyword in ("oneOf", "anyOf", "enum", "const", "$ref", "pattern"):
+        if isinstance(node, dict) and keyword in node:
+            return keyword
+    if "anyOf" in out:
+        return "type"
+    return {"object": "properties", "array": "items"}.get(str(out.get("type")), "type")

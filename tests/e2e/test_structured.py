@@ -71,8 +71,7 @@ def test_json_object(client: openai.OpenAI) -> None:
         messages=[
             {
                 "role": "user",
-                "content": "Give a JSON object with the keys name and age for a cat called "
-                "Tom who is 3.",
+                "content": "Reply with a JSON object with two keys: name (Tom) and age (3).",
             }
         ],
         response_format={"type": "json_object"},
