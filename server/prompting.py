@@ -6,6 +6,13 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from server.engine.base import ModelInfo
+from server.engine.special_tokens import (
+    PRIVATE,
+    Placeholders,
+    PlaceholdersExhausted,
+    SpecialTokens,
+)
 from server.errors import InvalidRequestError
 from server.protocol import (
     AssistantMessage,
@@ -34,6 +41,25 @@ class TemplateInput:
     image_urls: list[tuple[str, str]]
     tools: list[dict[str, Any]] | None = None
     extra: dict[str, Any] | None = None
+
+
+# Nesting depth of request values the escaping walks (the protocol allows far less).
+MAX_ESCAPE_DEPTH = 256
+
+
+@dataclass(frozen=True)
+class PromptText:
+    """A rendered prompt: ``text`` with request strings' markup spellings replaced by
+    private-use placeholders, and ``restore`` mapping each placeholder to its spelling."""
+
+    text: str
+    restore: dict[str, str]
+
+
+def prompt_char_cap(info: ModelInfo, max_prompt_chars: int) -> int:
+    """The most characters a prompt may hold: what ``n_ctx`` tokens of the model's longest
+    token could spell, or ``max_prompt_chars`` where that is lower."""
+    return min(max_prompt_chars, info.n_ctx * info.max_token_chars)
 
 
 def text_of(content: Any) -> str:
@@ -117,18 +143,79 @@ def template_messages(
     return out, urls
 
 
-def render(template: ChatTemplate, prompt: TemplateInput) -> str:
-    """The chat template applied with the generation prompt.
+def render(
+    template: ChatTemplate, prompt: TemplateInput, specials: SpecialTokens | None = None
+) -> PromptText:
+    """The chat template applied with the generation prompt, every string of the request
+    (messages, tools, template variables; keys too) escaped first so that only the
+    template's own markup spells special tokens (``specials``; None renders unescaped,
+    for tests of a template's layout).
 
     Raises:
-        InvalidRequestError: the template rejected the messages or failed.
+        InvalidRequestError: the template rejected the messages or failed; the request
+            nests deeper than ``MAX_ESCAPE_DEPTH`` or leaves no private-use character free.
     """
+    placeholders = Placeholders(_private_chars(prompt) | template.private_chars)
+    if specials is not None:
+        prompt = _escaped_input(prompt, specials, placeholders)
     try:
-        return template.render(
+        text = template.render(
             prompt.messages, add_generation_prompt=True, tools=prompt.tools, extra=prompt.extra
         )
     except ChatTemplateError as exc:
         raise InvalidRequestError(exc.client_message, param="messages") from None
+    return PromptText(text, placeholders.restore)
+
+
+def _escaped_input(
+    prompt: TemplateInput, specials: SpecialTokens, placeholders: Placeholders
+) -> TemplateInput:
+    def escape(value: Any, depth: int) -> Any:
+        if isinstance(value, str):
+            return specials.escape(value, placeholders)
+        if depth > MAX_ESCAPE_DEPTH:
+            raise InvalidRequestError("The request nests values too deeply.", param="messages")
+        if isinstance(value, dict):
+            return {escape(k, depth + 1): escape(v, depth + 1) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [escape(item, depth + 1) for item in value]
+        return value
+
+    try:
+        return TemplateInput(
+            escape(prompt.messages, 0),
+            prompt.image_urls,
+            None if prompt.tools is None else escape(prompt.tools, 0),
+            None if prompt.extra is None else escape(prompt.extra, 0),
+        )
+    except PlaceholdersExhausted:
+        raise InvalidRequestError(
+            "The request uses too many private-use characters.", param="messages"
+        ) from None
+
+
+def _private_chars(prompt: TemplateInput) -> set[str]:
+    """Private-use characters of the request (placeholders must differ from them)."""
+    found: set[str] = set()
+    stack: list[tuple[Any, int]] = [(prompt.messages, 0), (prompt.tools, 0), (prompt.extra, 0)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, str):
+            found.update(PRIVATE.findall(value))
+        elif depth <= MAX_ESCAPE_DEPTH and isinstance(value, dict):
+            stack += [(item, depth + 1) for pair in value.items() for item in pair]
+        elif depth <= MAX_ESCAPE_DEPTH and isinstance(value, list | tuple):
+            stack += [(item, depth + 1) for item in value]
+    return found
+
+
+def _check_length(text: str, info: ModelInfo, param: str) -> None:
+    cap = info.n_ctx * info.max_token_chars
+    if len(text) > cap:
+        raise InvalidRequestError(
+            f"The prompt holds {len(text)} characters; the limit for this model is {cap}.",
+            param=param,
+        )
 
 
 def invalid_unicode(param: str = "messages") -> InvalidRequestError:
@@ -137,16 +224,23 @@ def invalid_unicode(param: str = "messages") -> InvalidRequestError:
     )
 
 
-def tokenize_text(served: ServedModel, text: str, *, param: str = "messages") -> list[int]:
-    """Tokenize rendered prompt text with exactly one BOS.
+def tokenize_text(
+    served: ServedModel, text: str | PromptText, *, param: str = "messages"
+) -> list[int]:
+    """Tokenize prompt text with exactly one BOS. A rendered prompt's placeholders become
+    their spellings as plain text; a plain string (a ``/v1/completions`` prompt) is
+    tokenized as llama.cpp does, special-token spellings parsed.
 
     Raises:
-        InvalidRequestError: the text holds unpaired surrogates.
+        InvalidRequestError: the text holds unpaired surrogates, or more characters than
+            ``n_ctx`` tokens could spell (checked before tokenizing).
     """
     assert served.engine is not None
     info = served.engine.info
+    prompt = text if isinstance(text, PromptText) else PromptText(text, {})
+    _check_length(prompt.text, info, param)
     try:
-        tokens = served.engine.tokenize(text)
+        tokens = served.engine.tokenize(prompt.text, prompt.restore)
     except UnicodeEncodeError:
         raise invalid_unicode(param) from None
     # The template normally writes BOS itself; add it only where it did not.
@@ -155,15 +249,20 @@ def tokenize_text(served: ServedModel, text: str, *, param: str = "messages") ->
     return tokens
 
 
-def tokenize_media(served: ServedModel, text: str, images: list[Any]) -> Any:
-    """Put mtmd's marker where the template placed each image, tokenize text and images.
+def tokenize_media(served: ServedModel, text: str | PromptText, images: list[Any]) -> Any:
+    """Put mtmd's marker where the template placed each image, tokenize text (as
+    :func:`tokenize_text` does) and images.
 
     Raises:
         InvalidRequestError: the template placed a number of images other than the number
-            sent, or the text holds unpaired surrogates.
+            sent, the text holds unpaired surrogates or is longer than ``n_ctx`` tokens
+            could spell.
     """
     engine = served.engine
     assert engine is not None
+    prompt = text if isinstance(text, PromptText) else PromptText(text, {})
+    _check_length(prompt.text, engine.info, "messages")
+    text = prompt.text
     placeholder, replacement = IMAGE_PLACEHOLDERS.get(engine.info.architecture, ("", ""))
     if not placeholder or text.count(placeholder) != len(images):
         raise InvalidRequestError(
@@ -172,7 +271,7 @@ def tokenize_media(served: ServedModel, text: str, images: list[Any]) -> Any:
         )
     text = text.replace(placeholder, replacement.format(marker=engine.media_marker))
     try:
-        return engine.tokenize_media(text, images)
+        return engine.tokenize_media(text, images, prompt.restore)
     except UnicodeEncodeError:
         raise invalid_unicode() from None
     except ValueError:

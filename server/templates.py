@@ -20,6 +20,8 @@ from typing import Any
 from jinja2 import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from server.engine.special_tokens import PRIVATE
+
 # llama.cpp `general.architecture` → fallback template shipped in server/chat_templates/.
 FALLBACK_TEMPLATES = {
     "gemma3": "gemma3.jinja",
@@ -146,6 +148,8 @@ class ChatTemplate:
             self._template = self._env.from_string(source)
         except TemplateError:
             raise ChatTemplateError("the model's chat template does not compile") from None
+        # Placeholders for request text must differ from the template's own characters.
+        self.private_chars = frozenset(PRIVATE.findall(source))
         self._bos_token = bos_token
         self._eos_token = eos_token
         self._timeout_s = timeout_s

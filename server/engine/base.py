@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -137,6 +138,8 @@ class ModelInfo:
         add_bos: Whether the model wants a BOS at the start of every prompt.
         chat_template: The GGUF's ``tokenizer.chat_template``, if any.
         vision: Whether an mmproj is loaded (image input accepted).
+        max_token_chars: The longest token text, in characters (byte tokens count one):
+            no prompt longer than ``n_ctx * max_token_chars`` characters can fit.
     """
 
     architecture: str
@@ -148,6 +151,7 @@ class ModelInfo:
     add_bos: bool
     chat_template: str | None
     vision: bool = False
+    max_token_chars: int = 1
 
 
 # Upper bounds of the latency histograms, seconds.
@@ -198,8 +202,9 @@ class Engine(Protocol):
     info: ModelInfo
     stats: EngineStats
 
-    def tokenize(self, text: str) -> list[int]:
-        """Tokenize prompt text with special tokens parsed and no BOS added."""
+    def tokenize(self, text: str, restore: Mapping[str, str] | None = None) -> list[int]:
+        """Tokenize prompt text with special tokens parsed and no BOS added; placeholders
+        in ``restore`` become their spellings as plain text (``SpecialTokens.plan``)."""
         ...
 
     def queue_depth(self) -> int:

@@ -7,7 +7,7 @@ import asyncio
 import ctypes
 import os
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -26,10 +26,16 @@ from server.engine.media import MediaPrompt, Mtmd
 from server.engine.sampling import TokenSampler, init_grammar
 from server.engine.scheduler import ContextLimits, Scheduler
 from server.engine.sequence import ImagePiece, Piece, Running
+from server.engine.special_tokens import SPECIAL, Plan, SpecialTokens
 from server.engine.text import StopScanner
-from server.engine.worker import Generation
+from server.engine.worker import Generation, StepClock
 from server.images import LoadedImage
 
+# Image-boundary spellings some vocabularies mark USER_DEFINED (Gemma 3): markup all the
+# same, since only a template (or mtmd) may place an image.
+MEDIA_SPELLINGS = frozenset(
+    {"<start_of_image>", "<end_of_image>", "<|vision_start|>", "<|vision_end|>"}
+)
 # Output rows per step for scoring prompts (``/v1/completions`` echo + logprobs): each is a
 # logits row of n_vocab floats (1 MiB for Gemma 3's 262k vocabulary).
 PROMPT_LOGPROB_ROWS = 32
@@ -104,6 +110,7 @@ class LlamaEngine:
             raise ModelLoadError("llama.cpp could not load the model file") from None
         self._vocab = llama_cpp.llama_model_get_vocab(self._model.model)
         self._pieces: dict[tuple[int, bool], bytes] = {}
+        self.special_tokens, max_token_chars = self._read_vocab()
         self._mtmd = (
             Mtmd(
                 mmproj_path,
@@ -116,7 +123,7 @@ class LlamaEngine:
             else None
         )
         self._encoder = ThreadPoolExecutor(1, thread_name_prefix=f"mtmd:{model_path.name}")
-        self.info = self._read_info()
+        self.info = self._read_info(max_token_chars)
         self.stats = EngineStats()
         self._scheduler = Scheduler(
             self._ctx,
@@ -139,10 +146,35 @@ class LlamaEngine:
             name=f"llama:{model_path.name}",
         )
 
-    def _read_info(self) -> ModelInfo:
+    def _read_vocab(self) -> tuple[SpecialTokens, int]:
+        """The special tokens, and the longest token text in characters (one pass)."""
+        vocab = self._vocab
+        specials: list[tuple[int, str, int]] = []
+        longest = 1
+        for token in range(llama_cpp.llama_vocab_n_tokens(vocab)):
+            attr = llama_cpp.llama_vocab_get_attr(vocab, token)
+            if attr & llama_cpp.LLAMA_TOKEN_ATTR_BYTE:
+                continue  # one byte of text, whatever its spelling
+            text = self._token_text(token)
+            longest = max(longest, len(text))
+            if attr & SPECIAL:
+                specials.append((token, text, attr))
+        named = [
+            llama_cpp.llama_vocab_bos(vocab),
+            llama_cpp.llama_vocab_eos(vocab),
+            llama_cpp.llama_vocab_eot(vocab),
+            llama_cpp.llama_vocab_sep(vocab),
+            llama_cpp.llama_vocab_pad(vocab),
+        ]
+        media = [token for token, text, _ in specials if text in MEDIA_SPELLINGS]
+        markup = [token for token in named if token >= 0] + media
+        return SpecialTokens(specials, markup), longest
+
+    def _read_info(self, max_token_chars: int) -> ModelInfo:
         metadata = self._model.metadata()
         bos = llama_cpp.llama_vocab_bos(self._vocab)
         return ModelInfo(
+            max_token_chars=max_token_chars,
             architecture=metadata.get("general.architecture", ""),
             n_ctx=self._ctx.n_ctx(),
             n_vocab=llama_cpp.llama_vocab_n_tokens(self._vocab),
@@ -161,13 +193,43 @@ class LlamaEngine:
 
     # ---- called from any thread -----------------------------------------------------
 
-    def tokenize(self, text: str) -> list[int]:
-        """Tokenize with special tokens parsed and no BOS added (the template adds it).
+    def tokenize(self, text: str, restore: Mapping[str, str] | None = None) -> list[int]:
+        """Tokenize with special tokens parsed and no BOS added (the template adds it):
+        llama.cpp's ids, in time linear in the text (see ``special_tokens``).
+
+        ``restore`` maps placeholders of markup spellings (a rendered request, see
+        ``SpecialTokens.plan``) to their spellings, which become plain text.
 
         Raises:
             UnicodeEncodeError: ``text`` holds lone surrogates.
         """
-        return self._model.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+        return self.run_plan(self.special_tokens.plan(text, restore))
+
+    def run_plan(self, plan: Plan) -> list[int]:
+        """The token ids of a plan: its ids, and its text tokenized with special-token
+        parsing off (any thread).
+
+        Raises:
+            UnicodeEncodeError: the text holds lone surrogates.
+        """
+        return [token for _, ids in self._steps(plan) for token in ids]
+
+    def _steps(self, plan: Plan) -> Iterator[tuple[int | str, list[int]]]:
+        """Each step of a plan with its ids; text whose merges rebuild a markup token
+        becomes one step per character."""
+        markup = self.special_tokens.markup_ids
+        for step in plan:
+            if isinstance(step, int):
+                yield step, [step]
+                continue
+            ids = self._plain(step)
+            if markup.isdisjoint(ids):
+                yield step, ids
+            else:
+                yield from ((char, self._plain(char)) for char in step)
+
+    def _plain(self, text: str) -> list[int]:
+        return self._model.tokenize(text.encode("utf-8"), add_bos=False, special=False)
 
     @property
     def media_marker(self) -> str:
@@ -175,14 +237,25 @@ class LlamaEngine:
         assert self._mtmd is not None
         return self._mtmd.marker
 
-    def tokenize_media(self, prompt: str, images: list[LoadedImage]) -> MediaPrompt:
-        """Tokenize a prompt holding one media marker per image (any thread).
+    def tokenize_media(
+        self, prompt: str, images: list[LoadedImage], restore: Mapping[str, str] | None = None
+    ) -> MediaPrompt:
+        """Tokenize a prompt holding one media marker per image (any thread), its text as
+        :meth:`tokenize` does.
 
         Raises:
             ValueError: the markers and images do not match.
+            UnicodeEncodeError: the prompt holds lone surrogates.
         """
         assert self._mtmd is not None
-        return self._mtmd.tokenize(prompt, images)
+        texts = prompt.split(self._mtmd.marker)
+        if len(texts) != len(images) + 1:
+            raise ValueError("the prompt's media markers do not match its images")
+        plans: list[Plan] = [
+            [step for step, _ in self._steps(self.special_tokens.plan(text, restore))]
+            for text in texts
+        ]
+        return self._mtmd.tokenize(plans, images, self.special_tokens.text)
 
     def submit(self, request: GenerationRequest) -> Generation:
         """Queue a generation; iterate ``Generation.events()`` on the calling event loop.
@@ -219,6 +292,11 @@ class LlamaEngine:
     def model(self) -> _internals.LlamaModel:
         """The loaded llama.cpp model (for a second context, e.g. embeddings)."""
         return self._model
+
+    @property
+    def step_clock(self) -> StepClock:
+        """The scheduler's step timing (liveness and metrics)."""
+        return self._scheduler.step_clock
 
     def queue_depth(self) -> int:
         running, waiting = self._scheduler.counts()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import ctypes
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from pathlib import Path
 
@@ -16,7 +16,26 @@ from llama_cpp import mtmd_cpp
 
 from server.engine.base import EngineStats, ModelLoadError
 from server.engine.sequence import ImagePiece, Piece
+from server.engine.special_tokens import Plan
 from server.images import LoadedImage
+
+
+def _parts(
+    plans: list[Plan], bitmaps: list[mtmd_cpp.mtmd_bitmap_p], spelling: Mapping[int, str]
+) -> list[tuple[mtmd_cpp.mtmd_input_part, object]]:
+    """mtmd input parts: each plan step as text (a token id as its spelling, parsed as a
+    special token; text with special-token parsing off), an image between plans. Each
+    part is paired with the buffers it points to, which must outlive the call."""
+    parts: list[tuple[mtmd_cpp.mtmd_input_part, object]] = []
+    for index, plan in enumerate(plans):
+        if index:
+            parts.append((mtmd_cpp.mtmd_input_part(None, bitmaps[index - 1]), None))
+        for step in plan:
+            special = isinstance(step, int)
+            encoded = (spelling[step] if isinstance(step, int) else step).encode("utf-8")
+            text = mtmd_cpp.mtmd_input_text(encoded, len(encoded), False, special)
+            parts.append((mtmd_cpp.mtmd_input_part(ctypes.pointer(text), None), (text, encoded)))
+    return parts
 
 
 class EmbeddingCache:
@@ -90,12 +109,19 @@ class Mtmd:
     def close(self) -> None:
         self._finalizer()
 
-    def tokenize(self, prompt: str, images: list[LoadedImage]) -> MediaPrompt:
-        """Split ``prompt`` at each media marker and tokenize, one image per marker.
+    def tokenize(
+        self, plans: list[Plan], images: list[LoadedImage], spelling: Mapping[int, str]
+    ) -> MediaPrompt:
+        """Tokenize the prompt's text around its images: ``plans[i]`` is the text before
+        image ``i`` (the last one the text after all images), as ``SpecialTokens.plan``
+        gives it; ``spelling`` maps a plan's token ids to their text.
 
         Raises:
-            ValueError: marker and image counts differ, or mtmd refused the input.
+            ValueError: plan and image counts differ, or mtmd refused the input.
+            UnicodeEncodeError: the text holds lone surrogates.
         """
+        if len(plans) != len(images) + 1:
+            raise ValueError("the prompt's media markers do not match its images")
         bitmaps = [
             mtmd_cpp.mtmd_bitmap_init(
                 image.width,
@@ -109,14 +135,13 @@ class Mtmd:
             mtmd_cpp.mtmd_bitmap_set_id(bitmap, image.digest.encode())
         chunks = mtmd_cpp.mtmd_input_chunks_init()
         try:
-            encoded = prompt.encode("utf-8")
-            text = mtmd_cpp.mtmd_input_text(encoded, len(encoded), False, True)
-            array = (mtmd_cpp.mtmd_bitmap_p_ctypes * max(1, len(bitmaps)))(*bitmaps)
-            status = mtmd_cpp.mtmd_tokenize(
-                self._ctx, chunks, ctypes.byref(text), array, len(bitmaps)
+            parts = _parts(plans, bitmaps, spelling)
+            array = (ctypes.POINTER(mtmd_cpp.mtmd_input_part) * len(parts))(
+                *(ctypes.pointer(part) for part, _ in parts)
             )
+            status = mtmd_cpp.mtmd_tokenize_from_parts(self._ctx, chunks, array, len(parts), False)
             if status != 0:
-                raise ValueError("the prompt's media markers do not match its images")
+                raise ValueError("mtmd refused the prompt's images")
             n_tokens = sum(
                 mtmd_cpp.mtmd_input_chunk_get_n_tokens(mtmd_cpp.mtmd_input_chunks_get(chunks, i))
                 for i in range(mtmd_cpp.mtmd_input_chunks_size(chunks))
