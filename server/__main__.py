@@ -88,6 +88,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="longest a request waits for its model to load before a 503 (default 120)",
     )
+    _add_limit_flags(serve)
     doctor = commands.add_parser(
         "doctor", help="show llama.cpp's build and check that it generates on this machine"
     )
@@ -101,6 +102,25 @@ def _parser() -> argparse.ArgumentParser:
     )
     _add_store_commands(commands)
     return parser
+
+
+def _add_limit_flags(serve: argparse.ArgumentParser) -> None:
+    """HTTP hardening and liveness (README, "Security": what each bounds and why)."""
+    limits = serve.add_argument_group("limits")
+    flags: tuple[tuple[str, str, type, str], ...] = (
+        ("--max-header-bytes", "max_header_bytes", int, "bytes of a request's headers (32768)"),
+        ("--max-header-count", "max_header_count", int, "header fields of a request (100)"),
+        ("--header-timeout", "header_timeout_s", float, "seconds to receive the headers (10)"),
+        ("--body-timeout", "body_timeout_s", float, "seconds to receive a body (60)"),
+        ("--http-keep-alive", "http_keep_alive_s", float, "seconds an idle connection lives (5)"),
+        ("--max-json-values", "max_json_values", int, "JSON values in a request body (50000)"),
+        ("--max-embedding-chars", "max_embedding_chars", int, "characters per embeddings "
+         "request (1000000)"),
+        ("--max-step-time", "max_step_s", float, "seconds a scheduler step may run before "
+         "/health answers 503 stalled (60)"),
+    )  # fmt: skip
+    for flag, dest, kind, text in flags:
+        limits.add_argument(flag, dest=dest, type=kind, metavar="N", help=text)
 
 
 def _add_store_commands(commands: Any) -> None:
@@ -185,6 +205,7 @@ def serve(settings: ServerSettings) -> int:
     import uvicorn
 
     from server.app import create_app
+    from server.http_limits import DeadlineH11Protocol, ReadDeadlines
     from server.model_files import check_local
     from server.registry import ModelRegistry
 
@@ -206,12 +227,16 @@ def serve(settings: ServerSettings) -> int:
     # was clean, so the handler it lands on exits 0.
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, _exit_cleanly)
+    deadlines = ReadDeadlines(settings.header_timeout_s, settings.body_timeout_s)
     uvicorn.run(
         app,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
         timeout_graceful_shutdown=30,
+        http=DeadlineH11Protocol.with_deadlines(deadlines),
+        h11_max_incomplete_event_size=settings.max_header_bytes,
+        timeout_keep_alive=settings.http_keep_alive_s,  # type: ignore[arg-type]
     )
     return 0
 

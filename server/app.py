@@ -12,7 +12,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -26,6 +26,7 @@ from server.errors import (
     MethodNotAllowedError,
     NotFoundError,
 )
+from server.http_limits import HeaderCountMiddleware
 from server.metrics import metrics_registry
 from server.registry import ModelRegistry
 from server.routes import routes
@@ -116,6 +117,11 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     return error_response(APIError(str(exc.detail)[:200]))
 
 
+async def _client_gone(request: Request, exc: Exception) -> Response:
+    # The client left (or was cut off by a read deadline) mid-body: nobody reads the answer.
+    return Response(status_code=499)
+
+
 def create_app(settings: ServerSettings, registry: ModelRegistry) -> Starlette:
     """Build the ASGI app. Models start loading in the lifespan and are freed at shutdown.
 
@@ -145,12 +151,17 @@ def create_app(settings: ServerSettings, registry: ModelRegistry) -> Starlette:
                 allow_headers=["authorization", "content-type"],
             ),
         )
+    # Outermost: a request with too many headers reaches nothing else.
+    middleware.insert(
+        0, Middleware(HeaderCountMiddleware, max_header_count=settings.max_header_count)
+    )
     app = Starlette(
         routes=[*routes, *web_routes()] if settings.webui else routes,
         middleware=middleware,
         exception_handlers={
             APIError: _api_error,
             HTTPException: _http_error,
+            ClientDisconnect: _client_gone,
         },
         lifespan=lifespan,
     )

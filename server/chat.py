@@ -37,7 +37,9 @@ from server.families.base import ReplyParser
 from server.images import ImageLimits, load_image
 from server.output_plan import ToolSelection, reply_grammar, select_tools
 from server.prompting import (
+    PromptText,
     TemplateInput,
+    prompt_char_cap,
     render,
     template_messages,
     text_of,
@@ -61,6 +63,15 @@ from server.settings import ServerSettings
 THINK_OPEN = "<think>"
 # Template variables a request may not set through chat_template_kwargs.
 RESERVED_TEMPLATE_VARS = {"messages", "tools", "add_generation_prompt", "bos_token", "eos_token"}
+
+
+@dataclass(frozen=True)
+class _Rendered:
+    """A request's prompt text, its image URLs (with their params) and its tool choice."""
+
+    text: PromptText
+    image_urls: list[tuple[str, str]]
+    selection: ToolSelection
 
 
 @dataclass(frozen=True)
@@ -113,8 +124,21 @@ class ChatService:
             ContextLengthExceededError: prompt tokens + ``max_tokens`` exceed ``n_ctx``.
             ModelNotFoundError / ModelUnavailableError: see ``ModelRegistry.get``.
         """
-        refuse_chat_fields(body)
         served = self._registry.get(body.model)
+        # Every CPU-bound step runs in a worker thread; the loop only awaits (and fetches images).
+        rendered = await anyio.to_thread.run_sync(self._render, body, served)
+        images = await self._images(rendered.image_urls) if rendered.image_urls else []
+        return await anyio.to_thread.run_sync(
+            self._build, body, served, rendered, images, request_id
+        )
+
+    def _render(self, body: ChatCompletionRequest, served: ServedModel) -> _Rendered:
+        """Check the request's options and render its prompt text (a worker thread).
+
+        Raises:
+            InvalidRequestError: see :meth:`prepare` (all but the token-level checks).
+        """
+        refuse_chat_fields(body)
         engine = served.engine
         assert engine is not None
         n_choices = body.n or 1
@@ -124,10 +148,11 @@ class ChatService:
         selection = select_tools(body, served.family)
         messages, image_urls = template_messages(body, vision=engine.info.vision)
         chars = sum(len(text_of(m["content"])) for m in messages)
-        if chars > self._settings.max_prompt_chars:
+        # No more text than n_ctx tokens could spell: refused before rendering/tokenizing.
+        cap = prompt_char_cap(engine.info, self._settings.max_prompt_chars)
+        if chars > cap:
             raise InvalidRequestError(
-                f"The messages hold {chars} characters; the limit is "
-                f"{self._settings.max_prompt_chars}.",
+                f"The messages hold {chars} characters; the limit for this model is {cap}.",
                 param="messages",
             )
         template = served.template
@@ -135,17 +160,36 @@ class ChatService:
             template = served.tool_template
         assert template is not None
         prompt_input = TemplateInput(messages, image_urls, selection.shown, _template_extra(body))
-        text = await anyio.to_thread.run_sync(render, template, prompt_input)
-        reasoning_open = text.rstrip().endswith(THINK_OPEN)
+        text = render(template, prompt_input, engine.special_tokens)
+        return _Rendered(text, image_urls, selection)
+
+    def _build(
+        self,
+        body: ChatCompletionRequest,
+        served: ServedModel,
+        rendered: _Rendered,
+        images: list[Any],
+        request_id: str,
+    ) -> PreparedChat:
+        """Tokenize the prompt, check it fits, build and compile the reply's grammar and
+        make one job per choice (a worker thread: tokenizing and grammar conversion take
+        milliseconds to seconds).
+
+        Raises:
+            InvalidRequestError / ContextLengthExceededError: see :meth:`prepare`.
+        """
+        engine = served.engine
+        assert engine is not None
+        text, selection = rendered.text, rendered.selection
+        n_choices = body.n or 1
+        reasoning_open = text.text.rstrip().endswith(THINK_OPEN)
         prompt: list[int] = []
         media = None
-        if image_urls:
-            images = await self._images(image_urls)
-            media = await anyio.to_thread.run_sync(tokenize_media, served, text, images)
+        if rendered.image_urls:
+            media = tokenize_media(served, text, images)
             n_prompt = media.n_tokens
         else:
-            # Tokenizing a long prompt takes milliseconds to seconds: off the loop.
-            prompt = await anyio.to_thread.run_sync(tokenize_text, served, text)
+            prompt = tokenize_text(served, text)
             n_prompt = len(prompt)
         n_ctx = engine.info.n_ctx
         max_tokens = body.max_completion_tokens or body.max_tokens

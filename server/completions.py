@@ -122,11 +122,18 @@ class CompletionService:
             ContextLengthExceededError: a prompt + ``max_tokens`` exceed ``n_ctx``.
             ModelNotFoundError / ModelUnavailableError: see ``ModelRegistry.get``.
         """
-        refuse_completion_fields(body)
         served = self._registry.get(body.model)
+        # Tokenizing and checking prompts is CPU-bound: a worker thread; the loop only awaits.
+        return await anyio.to_thread.run_sync(self._build, body, served, request_id)
+
+    def _build(
+        self, body: CompletionRequest, served: ServedModel, request_id: str
+    ) -> PreparedCompletion:
+        """:meth:`prepare`'s work, in a worker thread (same errors)."""
+        refuse_completion_fields(body)
         engine = served.engine
         assert engine is not None
-        prompts = await anyio.to_thread.run_sync(self._prompts, body, served)
+        prompts = self._prompts(body, served)
         n_choices = body.n or 1
         n_max = engine.n_parallel + self._settings.max_queued_requests
         if n_choices * len(prompts) > n_max:

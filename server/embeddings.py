@@ -28,6 +28,9 @@ from server.errors import ContextLengthExceededError, InvalidRequestError
 from server.protocol import KeepAlive
 
 EmbeddingInput = str | list[str] | list[int] | list[list[int]]
+# Characters per token above which a text input cannot fit ``max_tokens``: real text
+# averages ~4, Gemma 3's longest token has 31 (Qwen's has 128; such inputs are junk).
+MAX_CHARS_PER_TOKEN = 32
 
 
 class _Strict(BaseModel):
@@ -90,6 +93,32 @@ def _as_inputs(value: EmbeddingInput) -> list[str | list[int]]:
     return list(cast(list[str] | list[list[int]], value))
 
 
+def _check_chars(
+    items: list[str | list[int]], max_item_chars: int, max_total_chars: int | None
+) -> None:
+    """Refuse text inputs too long to tokenize: one that cannot fit ``max_tokens`` tokens,
+    or all of them together over ``max_total_chars``.
+
+    Raises:
+        InvalidRequestError: naming ``input`` and the item at fault.
+    """
+    total = 0
+    for index, item in enumerate(items):
+        if isinstance(item, str):
+            if len(item) > max_item_chars:
+                raise InvalidRequestError(
+                    f"'input' item {index} has {len(item)} characters; this model embeds at "
+                    f"most {max_item_chars} characters per input.",
+                    param="input",
+                )
+            total += len(item)
+    if max_total_chars is not None and total > max_total_chars:
+        raise InvalidRequestError(
+            f"'input' holds {total} characters; at most {max_total_chars} are allowed per request.",
+            param="input",
+        )
+
+
 def _encode(vector: npt.NDArray[np.float32], encoding_format: str | None) -> list[float] | str:
     if encoding_format == "base64":
         # OpenAI's base64 form: the raw little-endian float32 bytes.
@@ -112,8 +141,10 @@ class EmbeddingService:
         n_vocab: int,
         model_id: str,
         max_inputs: int,
+        max_total_chars: int | None = None,
     ) -> EmbeddingResponse:
-        """Validate, tokenize and embed every input (the decode runs in a worker thread).
+        """Validate, tokenize and embed every input. Tokenizing and the decode run in
+        worker threads: the event loop only awaits.
 
         Args:
             body: The parsed request.
@@ -125,15 +156,18 @@ class EmbeddingService:
             n_vocab: Vocabulary size; token ids must lie in ``[0, n_vocab)``.
             model_id: The id echoed in the response.
             max_inputs: Most inputs one request may carry.
+            max_total_chars: Most characters over all text inputs (None: no bound but the
+                per-input one, ``engine.max_tokens * MAX_CHARS_PER_TOKEN``).
 
         Returns:
             One embedding per input, in order; usage counts every token decoded (BOS too).
 
         Raises:
             InvalidRequestError: ``dimensions`` differs from the model's width (param
-                ``dimensions``); ``input`` is empty, has more than ``max_inputs`` items, an
-                empty text or token list, text that cannot be encoded, or a token id out of
-                range (param ``input``).
+                ``dimensions``); ``input`` is empty, has more than ``max_inputs`` items, more
+                characters than the caps (checked before tokenizing), an empty text or token
+                list, text that cannot be encoded, or a token id out of range (param
+                ``input``).
             ContextLengthExceededError: an input has more than ``engine.max_tokens`` tokens
                 (param ``input``).
         """
@@ -151,10 +185,15 @@ class EmbeddingService:
                 f"'input' has {len(items)} items; at most {max_inputs} are allowed per request.",
                 param="input",
             )
-        batch = [
-            self._tokens(index, item, tokenize, add_bos, bos_token_id, n_vocab)
-            for index, item in enumerate(items)
-        ]
+        _check_chars(items, engine.max_tokens * MAX_CHARS_PER_TOKEN, max_total_chars)
+
+        def tokenize_all() -> list[list[int]]:
+            return [
+                self._tokens(index, item, tokenize, add_bos, bos_token_id, n_vocab)
+                for index, item in enumerate(items)
+            ]
+
+        batch = await anyio.to_thread.run_sync(tokenize_all)
         for index, tokens in enumerate(batch):
             if len(tokens) > engine.max_tokens:
                 raise ContextLengthExceededError(
@@ -167,14 +206,19 @@ class EmbeddingService:
         except ValueError as exc:  # checked above already; the engine's own words if not
             raise InvalidRequestError(f"Invalid 'input': {exc}.", param="input") from None
         n_tokens = sum(len(tokens) for tokens in batch)
-        return EmbeddingResponse(
-            data=[
-                Embedding(embedding=_encode(vector, body.encoding_format), index=index)
-                for index, vector in enumerate(vectors)
-            ],
-            model=model_id,
-            usage=EmbeddingUsage(prompt_tokens=n_tokens, total_tokens=n_tokens),
-        )
+
+        def response() -> EmbeddingResponse:
+            return EmbeddingResponse(
+                data=[
+                    Embedding(embedding=_encode(vector, body.encoding_format), index=index)
+                    for index, vector in enumerate(vectors)
+                ],
+                model=model_id,
+                usage=EmbeddingUsage(prompt_tokens=n_tokens, total_tokens=n_tokens),
+            )
+
+        # Thousands of vectors take a while to turn into Python floats: off the loop too.
+        return await anyio.to_thread.run_sync(response)
 
     @staticmethod
     def _tokens(

@@ -105,6 +105,21 @@ class EngineCollector(Collector):
                 HistogramMetricFamily(name, text, labels=label),
                 partial(_histogram, field),
             )
+        yield per_model(
+            HistogramMetricFamily(
+                "ggufserve_step_seconds", "Duration of the scheduler's steps.", labels=label
+            ),
+            lambda e: (e.step_clock.durations.cumulative(), e.step_clock.durations.total),
+        )
+        yield per_model(
+            GaugeMetricFamily(
+                "ggufserve_step_age_seconds",
+                "How long the scheduler's current step has run (0 between steps); /health "
+                "turns 503 past --max-step-time.",
+                labels=label,
+            ),
+            lambda e: (e.step_clock.age_s(),),
+        )
 
 
 class LifecycleCollector(Collector):

@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any, Protocol, TypeVar
 
+import anyio.to_thread
 from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -16,6 +17,7 @@ from server.embeddings import EmbeddingRequest
 from server.engine.worker import Generation
 from server.errors import InvalidRequestError, PayloadTooLargeError, UnsupportedMediaTypeError
 from server.metrics import metrics
+from server.openapi import openapi_document
 from server.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
 from server.registry import Lease, ModelRegistry, ModelState, ServedModel
 
@@ -24,6 +26,8 @@ P = TypeVar("P")
 M = TypeVar("M", bound=BaseModel)
 
 JSON_TYPES = ("application/json", "text/json")
+# Slices of a body whose JSON values are counted between two GIL hand-overs: 1 MiB.
+COUNT_SLICE_BYTES = 1 << 20
 
 
 async def read_body(request: Request, max_bytes: int) -> bytes:
@@ -48,6 +52,39 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
         if len(body) > max_bytes:
             raise too_large
     return bytes(body)
+
+
+async def parse_body(raw: bytes, model: type[M], max_json_values: int) -> M:
+    """Validate a JSON body in a worker thread, once its value count is known to be bounded
+    (pydantic holds the GIL while it parses: ~1 us per value, which would stall the loop).
+
+    Raises:
+        PayloadTooLargeError: more than ``max_json_values`` values (see :func:`check_values`).
+        InvalidRequestError: see :func:`parse_request`.
+    """
+
+    def parse() -> M:
+        check_values(raw, max_json_values)
+        return parse_request(raw, model)
+
+    return await anyio.to_thread.run_sync(parse)
+
+
+def check_values(raw: bytes, max_json_values: int) -> None:
+    """Bound the values of a JSON document from above by its commas, ``{`` and ``[``
+    (strings' count too, so prose costs a little of the budget), counted slice by slice.
+
+    Raises:
+        PayloadTooLargeError: the count exceeds ``max_json_values``.
+    """
+    count = 0
+    for start in range(0, len(raw), COUNT_SLICE_BYTES):
+        part = raw[start : start + COUNT_SLICE_BYTES]
+        count += part.count(b",") + part.count(b"{") + part.count(b"[")
+        if count > max_json_values:
+            raise PayloadTooLargeError(
+                f"The request body holds more than {max_json_values} JSON values."
+            )
 
 
 def parse_request(raw: bytes, model: type[M]) -> M:
@@ -112,8 +149,9 @@ async def generate(
     for chat and text completions. The lease ends with the response (for a stream, once
     its last byte is sent or the client has gone)."""
     request_id: str = request.state.request_id
-    raw = await read_body(request, request.app.state.settings.max_request_bytes)
-    body = parse_request(raw, model)
+    settings = request.app.state.settings
+    raw = await read_body(request, settings.max_request_bytes)
+    body = await parse_body(raw, model, settings.max_json_values)
     registry: ModelRegistry = request.app.state.registry
     lease = await registry.acquire(body.model, body.keep_alive)
     handed_off = False
@@ -145,7 +183,7 @@ async def completions(request: Request) -> Response:
 async def embeddings(request: Request) -> Response:
     state = request.app.state
     raw = await read_body(request, state.settings.max_request_bytes)
-    body = parse_request(raw, EmbeddingRequest)
+    body = await parse_body(raw, EmbeddingRequest, state.settings.max_json_values)
     registry: ModelRegistry = state.registry
     if not registry.lookup(body.model).entry.embeddings:
         raise InvalidRequestError(
@@ -166,10 +204,13 @@ async def embeddings(request: Request) -> Response:
             n_vocab=engine.info.n_vocab,
             model_id=served.id,
             max_inputs=state.settings.max_embedding_inputs,
+            max_total_chars=state.settings.max_embedding_chars,
         )
     finally:
         lease.release()
-    return JSONResponse(response.model_dump(mode="json"))
+    # Thousands of vectors take tens of milliseconds to serialise: off the loop.
+    content = await anyio.to_thread.run_sync(response.model_dump_json)
+    return Response(content, media_type="application/json")
 
 
 class LeasedStream(StreamingResponse):
@@ -235,15 +276,34 @@ async def health(request: Request) -> Response:
     """The start-up (``--model``) models: 503 ``loading`` until each one's first load has
     ended, then 200 ``ok`` while one of them can serve (ready, or loadable again after
     an unload) or when there are none, 503 ``error`` when all of them failed. Other
-    models never affect it."""
+    models affect it only when stalled: 503 ``stalled`` with a ``reason`` while any loaded
+    model's scheduler step has run longer than ``max_step_s`` (an orchestrator restarts)."""
     registry: ModelRegistry = request.app.state.registry
     startup = registry.startup_models()
     states = {m.id: m.state.value for m in startup}
     if not all(m.settled for m in startup):
         return JSONResponse({"status": "loading", "models": states}, status_code=503)
+    stalled = stalled_reason(registry, request.app.state.settings.max_step_s)
+    if stalled is not None:
+        body = {"status": "stalled", "models": states, "reason": stalled}
+        return JSONResponse(body, status_code=503)
     if not startup or any(m.state is not ModelState.FAILED for m in startup):
         return JSONResponse({"status": "ok", "models": states})
     return JSONResponse({"status": "error", "models": states}, status_code=503)
+
+
+def stalled_reason(registry: ModelRegistry, max_step_s: float) -> str | None:
+    """Why the server is stalled (a loaded model whose current scheduler step has run
+    longer than ``max_step_s`` seconds), or None."""
+    for served in registry.loaded():
+        engine = served.engine
+        age_s = engine.step_clock.age_s() if engine is not None else 0.0
+        if age_s > max_step_s:
+            return (
+                f"model '{served.id}': a scheduler step has run {age_s:.1f} s "
+                f"(limit {max_step_s:g} s)"
+            )
+    return None
 
 
 def capabilities(served: ServedModel) -> list[Any]:
@@ -266,4 +326,5 @@ routes = [
     Route("/v1/models", list_models, methods=["GET"]),
     Route("/health", health, methods=["GET"]),
     Route("/metrics", metrics, methods=["GET"]),
+    Route("/openapi.json", openapi_document, methods=["GET"]),
 ]

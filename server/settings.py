@@ -231,3 +231,19 @@ class ServerSettings(BaseSettings):
     max_memory: Annotated[int | None, BeforeValidator(parse_budget)] = None
     # Longest a request waits for its model to load before 503 model_loading (0: never).
     load_timeout_s: Annotated[float, Field(ge=0)] = 120.0
+    # Characters over all text inputs of one /v1/embeddings request (~250k tokens).
+    max_embedding_chars: Annotated[int, Field(ge=1)] = 1_000_000
+    # JSON values (counted as commas, '{' and '[') in a request body: parsing holds the
+    # GIL for ~1 us per value, so 50k keeps the event loop free within ~50 ms.
+    max_json_values: Annotated[int, Field(ge=1000)] = 50_000
+    # HTTP (README, "Security"): request header block, in bytes, and header count.
+    max_header_bytes: Annotated[int, Field(ge=1024)] = 32 * 1024  # 32 KiB
+    max_header_count: Annotated[int, Field(ge=16)] = 100
+    # A request's headers must arrive within this of its first byte (or of the connection).
+    header_timeout_s: Annotated[float, Field(gt=0)] = 10.0
+    # Its body within this of its headers (32 MiB at >= 0.5 MiB/s).
+    body_timeout_s: Annotated[float, Field(gt=0)] = 60.0
+    # An idle keep-alive connection is closed after this.
+    http_keep_alive_s: Annotated[float, Field(gt=0)] = 5.0
+    # Liveness: /health answers 503 "stalled" while a model's scheduler step has run longer.
+    max_step_s: Annotated[float, Field(gt=0)] = 60.0
