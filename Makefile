@@ -76,6 +76,15 @@ chromium:
 test: install $(STAMP_TEST) chromium
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# The schemathesis fuzz run of `make test` (tests/e2e/test_fuzz.py) with a longer budget:
+# FUZZ_EXAMPLES per operation and mode (1000: ~8 min on 2 cores), FUZZ_SEED to vary the cases.
+FUZZ_EXAMPLES ?= 1000
+FUZZ_SEED ?= 20240624
+.PHONY: fuzz
+fuzz: install $(STAMP_TEST)
+	GGUFSERVE_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) GGUFSERVE_FUZZ_SEED=$(FUZZ_SEED) \
+	  $(BIN)/python -m pytest tests/e2e/test_fuzz.py $(PYTEST_ARGS)
+
 lint: $(STAMP_TEST)
 	$(BIN)/ruff check server converters tests
 	$(BIN)/ruff format --check server converters tests
@@ -112,3 +121,18 @@ clean:
 # Peak RSS and speed of converting a 2 GB (Gemma 3 1B-shaped, bf16) checkpoint.
 bench-convert: $(STAMP_TEST)
 	$(BIN)/python -m tests.bench.convert_memory
+
+# What a GPU machine with no package registry needs for tests/gpu/run_gpu_checks.sh, in
+# build/gpu-kit (~20 MiB, one carry path): CPython 3.12 wheels it lacks, llama-cpp-python's
+# sdist trimmed to what the CPU/CUDA build, mtmd, llama-bench and llama-server read, and the
+# Gemma 3 vocabulary (docs/gpu.md).
+.PHONY: gpu-kit
+gpu-kit: $(STAMP_TEST)
+	$(BIN)/python -m tests.gpu.kit --out build/gpu-kit
+
+# 50 mixed clients for 30 min (bundled model + tiny vision model): only 200/429, RSS growth
+# under 5 % after warm-up, healthy after. Never in CI nor `make test`. Shorter:
+# SOAK_ARGS="--duration-s 120"; see tests/bench/soak.py for every flag.
+.PHONY: soak
+soak: install $(STAMP_TEST)
+	$(BIN)/python -m tests.bench.soak $(SOAK_ARGS)

@@ -15,11 +15,13 @@ import math
 import re
 from typing import Annotated, Any, Literal
 
+import numpy as np
 from pydantic import (
     BaseModel,
     BeforeValidator,
     ConfigDict,
     Field,
+    WithJsonSchema,
     field_validator,
     model_serializer,
 )
@@ -27,6 +29,16 @@ from pydantic import (
 MAX_STOP_SEQUENCES = 16
 MAX_STOP_SEQUENCE_CHARS = 512
 MAX_LOGIT_BIAS_ENTRIES = 1024
+# llama_token is an int32: a token id has at most 10 ASCII digits (Unicode digits that
+# str.isdigit() accepts, such as '²' or '①', are not token ids).
+LOGIT_BIAS_KEY = re.compile(r"[0-9]{1,10}")
+# top_k reaches llama.cpp as an int32.
+MAX_TOP_K = 2**31 - 1
+# Nesting levels of arrays/objects in an assistant tool call's `arguments` (a JSON text the
+# server parses to render the history); deeper text would exhaust the parser's recursion.
+MAX_TOOL_ARGUMENTS_DEPTH = 64
+# A keep_alive duration string ("1h30m") is short; longer text is refused before parsing.
+MAX_KEEP_ALIVE_CHARS = 64
 
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 
@@ -35,10 +47,12 @@ FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 # keep_alive of a model never unloaded for idleness (any negative value means it).
 FOREVER = -1.0
 _DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
-_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
+# ASCII digits only: \d would also take other scripts' digits, which Go durations do not.
+_SECONDS = r"[0-9]+(?:\.[0-9]*)?|\.[0-9]+"
+_DURATION_PART = re.compile(rf"({_SECONDS})(ns|us|µs|ms|s|m|h)")
 _KEEP_ALIVE_HELP = (
-    "keep_alive must be seconds (a number), a duration such as '30s', '5m', '1h' or "
-    "'1h30m', or -1 to keep the model loaded"
+    "keep_alive must be seconds (a finite number), a duration such as '30s', '5m', '1h' or "
+    f"'1h30m' (at most {MAX_KEEP_ALIVE_CHARS} characters), or -1 to keep the model loaded"
 )
 
 
@@ -50,13 +64,17 @@ def keep_alive_seconds(value: Any) -> float:
     unloads the model as soon as it is idle.
 
     Raises:
-        ValueError: anything else (booleans, NaN, infinities, unknown units).
+        ValueError: anything else (booleans, NaN, infinities, integers beyond a float's
+            range, strings over ``MAX_KEEP_ALIVE_CHARS`` characters, unknown units).
     """
     if isinstance(value, bool):
         raise ValueError(_KEEP_ALIVE_HELP)
     if isinstance(value, (int, float)):
-        seconds = float(value)
-    elif isinstance(value, str):
+        try:
+            seconds = float(value)
+        except OverflowError:  # an integer beyond ~1.8e308
+            raise ValueError(_KEEP_ALIVE_HELP) from None
+    elif isinstance(value, str) and len(value) <= MAX_KEEP_ALIVE_CHARS:
         seconds = _duration(value.strip())
     else:
         raise ValueError(_KEEP_ALIVE_HELP)
@@ -68,7 +86,7 @@ def keep_alive_seconds(value: Any) -> float:
 def _duration(text: str) -> float:
     sign = -1.0 if text.startswith("-") else 1.0
     body = text[1:] if text[:1] in "+-" else text
-    if re.fullmatch(r"\d+(?:\.\d*)?|\.\d+", body):
+    if re.fullmatch(_SECONDS, body):
         return sign * float(body)
     if not body or _DURATION_PART.sub("", body):
         raise ValueError(_KEEP_ALIVE_HELP)
@@ -81,7 +99,21 @@ def _optional_keep_alive(value: Any) -> float | None:
 
 
 # Seconds; FOREVER (-1) = never unloaded for idleness. Input: see keep_alive_seconds.
-KeepAlive = Annotated[float | None, BeforeValidator(_optional_keep_alive)]
+KeepAlive = Annotated[
+    float | None,
+    BeforeValidator(_optional_keep_alive),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "number"},
+                {"type": "string", "maxLength": MAX_KEEP_ALIVE_CHARS},
+                {"type": "null"},
+            ],
+            "description": "Ollama's keep_alive: seconds, a duration ('30s', '5m', '1h30m') "
+            "or -1 (never unload).",
+        }
+    ),
+]
 
 
 class _Strict(BaseModel):
@@ -121,9 +153,56 @@ class UserMessage(_Strict):
     name: str | None = None
 
 
+# Bytes of text scanned per step by json_nesting_exceeds (bounds its temporary arrays).
+_DEPTH_CHUNK_BYTES = 1 << 20
+
+
+def json_nesting_exceeds(text: str, max_depth: int) -> bool:
+    """Whether a recursive JSON parser reading ``text`` (valid JSON or not) would nest
+    arrays/objects more than ``max_depth`` levels deep.
+
+    Linear time, bounded memory (numpy over 1 MiB chunks, stopping at the first level past
+    ``max_depth``): brackets inside strings do not count, an unterminated string runs to
+    the end. For invalid text it may count levels a parser would fail before, never fewer.
+    """
+    if text.count("[") + text.count("{") <= max_depth:
+        return False
+    # Drop escaped backslashes, then escaped quotes: every '"' left opens or closes a string.
+    data = text.replace("\\\\", "").replace('\\"', "").encode()
+    quotes = level = 0
+    for start in range(0, len(data), _DEPTH_CHUNK_BYTES):
+        chunk = np.frombuffer(data, np.uint8, min(_DEPTH_CHUNK_BYTES, len(data) - start), start)
+        outside = ((np.cumsum(chunk == ord('"'), dtype=np.int64) + quotes) & 1) == 0
+        quotes = int(not outside[-1])
+        opens = ((chunk == ord("[")) | (chunk == ord("{"))) & outside
+        closes = ((chunk == ord("]")) | (chunk == ord("}"))) & outside
+        levels = np.cumsum(opens.astype(np.int64) - closes) + level
+        if int(levels.max()) > max_depth:
+            return True
+        level = int(levels[-1])
+    return False
+
+
 class FunctionCall(_Strict):
     name: str
-    arguments: str
+    arguments: Annotated[
+        str,
+        Field(
+            description="JSON text; arrays and objects nest at most "
+            f"{MAX_TOOL_ARGUMENTS_DEPTH} levels."
+        ),
+    ]
+
+    @field_validator("arguments")
+    @classmethod
+    def _check_depth(cls, value: str) -> str:
+        # The history's arguments are parsed (json.loads recurses): refuse what would
+        # exhaust the recursion limit, in linear time, before anything parses it.
+        if json_nesting_exceeds(value, MAX_TOOL_ARGUMENTS_DEPTH):
+            raise ValueError(
+                f"arrays and objects nest more than {MAX_TOOL_ARGUMENTS_DEPTH} levels deep"
+            )
+        return value
 
 
 class ToolCallMessage(_Strict):
@@ -212,11 +291,12 @@ def check_stop(cls: type, value: str | list[str] | None) -> list[str] | None:
 def check_logit_bias(cls: type, value: dict[str, float] | None) -> dict[str, float] | None:
     if value is None:
         return None
-    if len(value) > MAX_LOGIT_BIAS_ENTRIES:
-        raise ValueError(f"at most {MAX_LOGIT_BIAS_ENTRIES} logit_bias entries are allowed")
-    for key in value:
-        if not key.isdigit():
-            raise ValueError("logit_bias keys must be token ids (non-negative integers)")
+    for key in value:  # the entry count is bounded by the field's max_length first
+        if not LOGIT_BIAS_KEY.fullmatch(key):
+            raise ValueError(
+                "logit_bias keys must be token ids: non-negative integers written with 1 to "
+                "10 ASCII digits"
+            )
     return value
 
 
@@ -228,7 +308,16 @@ class _GenerationFields(_Strict):
 
     model: str
     frequency_penalty: Annotated[FiniteFloat, Field(ge=-2.0, le=2.0)] | None = None
-    logit_bias: dict[str, Annotated[FiniteFloat, Field(ge=-100.0, le=100.0)]] | None = None
+    logit_bias: (
+        Annotated[
+            dict[str, Annotated[FiniteFloat, Field(ge=-100.0, le=100.0)]],
+            Field(
+                max_length=MAX_LOGIT_BIAS_ENTRIES,
+                json_schema_extra={"propertyNames": {"pattern": f"^{LOGIT_BIAS_KEY.pattern}$"}},
+            ),
+        ]
+        | None
+    ) = None
     n: Annotated[int, Field(ge=1, le=128)] | None = None
     presence_penalty: Annotated[FiniteFloat, Field(ge=-2.0, le=2.0)] | None = None
     seed: Annotated[int, Field(ge=-(2**63), lt=2**64)] | None = None
@@ -239,7 +328,7 @@ class _GenerationFields(_Strict):
     top_p: Annotated[FiniteFloat, Field(ge=0.0, le=1.0)] | None = None
     user: str | None = None
     # llama.cpp extensions
-    top_k: Annotated[int, Field(ge=0)] | None = None
+    top_k: Annotated[int, Field(ge=0, le=MAX_TOP_K)] | None = None
     min_p: Annotated[FiniteFloat, Field(ge=0.0, le=1.0)] | None = None
     repeat_penalty: Annotated[FiniteFloat, Field(gt=0.0, le=10.0)] | None = None
     # Ollama extension: how long the model stays loaded once idle (this request's value
