@@ -3,8 +3,10 @@
 llama.cpp runs in a child process: Python handles SIGINT only between bytecodes, so while
 a ctypes call runs (minutes for a big model) Ctrl-C would wait for it. The parent waits on
 the child instead; on Ctrl-C (or any error) it kills the child, waits for it to be gone,
-then ``atomic_path`` removes the partial file. (A plain subprocess rather than
-multiprocessing's spawn, which would re-import the caller's ``__main__``.)
+then ``atomic_path`` removes the partial file. When the parent itself is killed (SIGKILL),
+the child is killed with it (Linux ``PR_SET_PDEATHSIG``) and the next write of the same
+output removes the partial file. (A plain subprocess rather than multiprocessing's spawn,
+which would re-import the caller's ``__main__``.)
 """
 
 from __future__ import annotations
@@ -17,14 +19,14 @@ import signal
 import subprocess
 import sys
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from converters.errors import QuantizationError
 from converters.llama_logs import ErrorLines, captured_logs
 from converters.progress import Progress, progress
-from converters.writer import atomic_path, check_output
+from converters.writer import atomic_path, check_output, disk_full, disk_full_error
 
 # Output type name (llama.cpp's `llama-quantize` spelling) → llama_ftype constant name.
 QUANT_TYPES = {
@@ -49,6 +51,7 @@ QUANT_TYPES = {
 TENSOR_LINE = re.compile(r"\[\s*(\d+)/\s*(\d+)\]")
 KV_TEXT_MAX = 127  # llama_model_kv_override: char key[128], char val_str[128]
 RESULT_MARK = "ggufserve-quantizer-result "  # the child's last stdout line
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 MetadataValue = bool | int | float | str
 
@@ -64,6 +67,7 @@ class QuantizerJob:
     only_copy: bool = False
     kv: dict[str, MetadataValue] = field(default_factory=dict)
     n_threads: int = 0
+    parent_pid: int = 0  # the child ends itself if this process is gone
 
 
 def ftype_of(quant_type: str) -> int:
@@ -86,6 +90,7 @@ def quantize(
         QuantizationError: unknown type, or llama.cpp's quantizer failed (the partial
             output is removed).
         OutputExistsError: ``target`` exists and not ``force``.
+        OSError: the disk filled up (errno ENOSPC; the partial output is removed).
     """
     ftype = ftype_of(quant_type)
     check_output(target, force)
@@ -122,8 +127,10 @@ def run_quantizer(job: QuantizerJob) -> None:
     Raises:
         QuantizationError: llama.cpp returned non-zero (with its last error line) or the
             child died (e.g. killed for memory).
+        OSError: llama.cpp failed with the output's disk full (errno ENOSPC).
         KeyboardInterrupt: the child is terminated and waited for before this propagates.
     """
+    job = replace(job, parent_pid=os.getpid())
     package_root = str(Path(__file__).resolve().parent.parent)
     path = os.environ.get("PYTHONPATH")
     env = {**os.environ, "PYTHONPATH": package_root + (os.pathsep + path if path else "")}
@@ -147,6 +154,9 @@ def run_quantizer(job: QuantizerJob) -> None:
         raise QuantizationError(f"llama.cpp's quantizer died on {source} ({_exit(child)})")
     status, error = json.loads(lines[-1][len(RESULT_MARK) :])
     if status != 0 or not Path(job.out).is_file():
+        # llama.cpp's message for a failed write is a bare iostream error: say what it was.
+        if disk_full(Path(job.out).parent):
+            raise disk_full_error(Path(job.out))
         what = f"quantize {source} to {job.quant}" if job.quant else f"copy {source}"
         raise QuantizationError(f"llama.cpp could not {what}" + (f": {error}" if error else ""))
 
@@ -163,6 +173,7 @@ def _child_main() -> None:
     import llama_cpp
 
     job = QuantizerJob(**json.loads(sys.stdin.read()))
+    _die_with_parent(job.parent_pid)
     params = llama_cpp.llama_model_quantize_default_params()
     if job.ftype is not None:
         params.ftype = job.ftype
@@ -189,6 +200,17 @@ def _child_main() -> None:
     for each in bar:
         each.close()
     print(RESULT_MARK + json.dumps([int(status), errors.last()]), flush=True)
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Linux: have the kernel kill this child when its parent dies, so a killed ``pull`` or
+    ``convert`` leaves no quantizer writing on (elsewhere the parent's Ctrl-C path only)."""
+    if not sys.platform.startswith("linux") or not parent_pid:
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent_pid:  # it died before the prctl call
+        os._exit(1)
 
 
 def _kv_overrides(kv: Mapping[str, MetadataValue]) -> ctypes.Array[Any]:

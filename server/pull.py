@@ -8,6 +8,7 @@ The converter is imported only when a conversion is needed: serving never needs 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import re
@@ -45,10 +46,17 @@ def pull(
         The record and whether it was made by this call (False: found in the store).
 
     Raises:
-        PullError: unknown source, unsupported quant, download or conversion failure.
+        PullError: unknown source, unsupported quant, download or conversion failure, or
+            the store's disk is full (nothing partial is kept).
         StoreError: replacing an entry that a running server has loaded.
     """
-    quant = quant.upper()
+    try:
+        return _pull(store, source, quant.upper(), report)
+    except OSError as exc:  # the record of a registered GGUF cannot be written
+        raise PullError(_write_failure(exc, store, source)) from None
+
+
+def _pull(store: ModelStore, source: str, quant: str, report: bool) -> tuple[StoreRecord, bool]:
     path = Path(source).expanduser()
     if path.is_file():
         return _local_gguf(store, path.resolve())
@@ -108,26 +116,38 @@ def _converted(
                 quants=[] if floating else [quant],
                 report=report,
             )
+            served = result.text if floating else result.quantized[quant]
+            if not floating:
+                # The float intermediate is only the quantizer's input: don't keep GBs of it.
+                result.text.unlink()
+            arch, n_params = gguf_summary(served)
+            record = StoreRecord(
+                id=model_id,
+                source=source,
+                revision=revision,
+                quant=quant,
+                gguf=str(served),
+                mmproj=str(result.mmproj) if result.mmproj else None,
+                architecture=arch,
+                n_params=n_params,
+                created=time.time(),
+                seconds={**result.seconds, "pull": time.monotonic() - started},
+            )
+            return store.commit(record, folder), True
         except ConversionError as exc:
             raise PullError(str(exc)) from None
-        served = result.text if floating else result.quantized[quant]
-        if not floating:
-            # The float intermediate is only the quantizer's input: don't keep GBs of it.
-            result.text.unlink()
-        arch, n_params = gguf_summary(served)
-        record = StoreRecord(
-            id=model_id,
-            source=source,
-            revision=revision,
-            quant=quant,
-            gguf=str(served),
-            mmproj=str(result.mmproj) if result.mmproj else None,
-            architecture=arch,
-            n_params=n_params,
-            created=time.time(),
-            seconds={**result.seconds, "pull": time.monotonic() - started},
+        except OSError as exc:
+            raise PullError(_write_failure(exc, store, model_id)) from None
+
+
+def _write_failure(exc: OSError, store: ModelStore, what: str) -> str:
+    """One line for an OSError while making ``what`` (a full disk said in words)."""
+    if exc.errno == errno.ENOSPC:
+        return (
+            f"no space left on the store's disk ({store.home}) while making '{what}'; "
+            "nothing was kept: free some space or set GGUFSERVE_HOME to a larger disk"
         )
-        return store.commit(record, folder), True
+    return f"cannot make '{what}' in {store.home}: {exc.strerror or exc}"
 
 
 def gguf_summary(path: Path) -> tuple[str | None, int | None]:

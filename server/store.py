@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -102,6 +103,8 @@ class ModelStore:
         """Every readable record, by id; unreadable ones are skipped (``ls`` says so)."""
         found = []
         for path in sorted(self.root.glob(f"*/{RECORD}")):
+            if path.parent.name.startswith("."):  # staging, or a removal in progress
+                continue
             with contextlib.suppress(OSError, ValidationError):
                 found.append(StoreRecord.model_validate_json(path.read_bytes()))
         return sorted(found, key=lambda r: r.id)
@@ -129,16 +132,52 @@ class ModelStore:
     def staging(self, model_id: str) -> Iterator[Path]:
         """A fresh folder to build an entry in; removed unless :meth:`commit` moved it.
 
-        Interrupting (Ctrl-C) or failing inside the block leaves nothing behind.
+        Interrupting (Ctrl-C) or failing inside the block leaves nothing behind. The folder
+        is locked (``flock``) while the block runs, so the staging folders of a process
+        that was killed (SIGKILL, power loss) are told from live ones and removed here,
+        with any folder a killed ``rm`` left.
         """
         self.root.mkdir(parents=True, exist_ok=True)
-        folder = self.root / f".staging-{slug(model_id)}-{os.getpid()}"
-        shutil.rmtree(folder, ignore_errors=True)
-        folder.mkdir()
+        # One process at a time sweeps and creates (a lock on the store folder itself), so
+        # a new folder is locked before a sweep can see it.
+        with self._exclusive(self.root):
+            self._sweep_stale()
+            folder = self.root / f".staging-{slug(model_id)}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            folder.mkdir()
+            owner = os.open(folder, os.O_RDONLY)
+            fcntl.flock(owner, fcntl.LOCK_EX)
         try:
             yield folder
         finally:
             shutil.rmtree(folder, ignore_errors=True)
+            os.close(owner)
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _exclusive(folder: Path) -> Iterator[None]:
+        handle = os.open(folder, os.O_RDONLY)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(handle)
+
+    def _sweep_stale(self) -> None:
+        """Remove staging folders no live process holds, and leftovers of a killed ``rm``."""
+        for folder in self.root.glob(".staging-*"):
+            try:
+                owner = os.open(folder, os.O_RDONLY)
+            except OSError:
+                continue
+            try:
+                fcntl.flock(owner, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # a pull in progress
+            finally:
+                os.close(owner)
+            shutil.rmtree(folder, ignore_errors=True)
+        for doomed in self.root.glob(".removing-*"):
+            shutil.rmtree(doomed, ignore_errors=True)
 
     def commit(self, record: StoreRecord, staged: Path | None) -> StoreRecord:
         """Move ``staged`` (its files named by ``record``) into place and write the record
@@ -147,10 +186,13 @@ class ModelStore:
 
         Raises:
             StoreError: the id's current entry is in use by a running server.
+            OSError: the record cannot be written (disk full: errno ENOSPC).
         """
         final = self.root / slug(record.id)
-        if final.exists():
+        if self.find(record.id) is not None:
             self.remove(record.id)
+        elif final.exists():  # files without a record: a commit that was killed midway
+            self._discard(final)
         if staged is not None:
             staged.rename(final)
             moved = {"gguf": record.gguf, "mmproj": record.mmproj}
@@ -185,11 +227,16 @@ class ModelStore:
                     f"'{model_id}' is loaded by a running server; stop it or wait for its "
                     "keep_alive to expire, then retry"
                 ) from None
-            # Renamed first so a concurrent load never sees a half-deleted folder.
-            doomed = folder.with_name(f".removing-{folder.name}-{time.time_ns()}")
-            folder.rename(doomed)
-        shutil.rmtree(doomed, ignore_errors=True)
+            self._discard(folder)
         return record
+
+    @staticmethod
+    def _discard(folder: Path) -> None:
+        # Renamed first so a concurrent load never sees a half-deleted folder; a leftover
+        # of a killed removal is swept by the next staging.
+        doomed = folder.with_name(f".removing-{folder.name}-{time.time_ns()}")
+        folder.rename(doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
 
     # ModelCatalog
     def entries(self) -> list[ModelEntry]:
