@@ -68,11 +68,12 @@ def test_parse_streamed(client: openai.OpenAI) -> None:
 def test_json_object(client: openai.OpenAI) -> None:
     response = client.chat.completions.create(
         model=MODEL,
+        # One worked example: greedy decoding of a 270M model otherwise may invent keys
+        # until max_tokens (the reply is valid JSON so far either way).
         messages=[
-            {
-                "role": "user",
-                "content": "Reply with a JSON object with two keys: name (Tom) and age (3).",
-            }
+            {"role": "user", "content": "JSON object for: name Ann, age 5."},
+            {"role": "assistant", "content": '{"name": "Ann", "age": 5}'},
+            {"role": "user", "content": "JSON object for: name Tom, age 3."},
         ],
         response_format={"type": "json_object"},
         max_tokens=200,

@@ -27,15 +27,14 @@ from server.engine.llama import LlamaEngine
 from server.engine.sampling import GrammarDeadEnd, GrammarTooExpensive, TokenSampler
 from server.errors import InvalidRequestError
 from server.grammar import (
-    CallSyntax,
     UnsupportedSchemaError,
     check_schema,
     json_schema_gbnf,
     tool_calls_gbnf,
 )
 from server.grammar.cost import DEFAULT_LIMITS
+from tests.server.test_grammar import QWEN
 
-QWEN = CallSyntax("arguments", "<tool_call>\n", "\n</tool_call>", "\n", json_list=False)
 # Well under the 10-20 s stalls these inputs caused; every pass is linear now.
 QUICK_S = 1.0
 
