@@ -50,6 +50,15 @@ def read_until_closed(sock: socket.socket) -> bytes:
     return data
 
 
+def trickle(sock: socket.socket, piece: bytes, *, times: int, interval_s: float) -> None:
+    """Send ``piece`` every ``interval_s`` seconds, ``times`` times or until the server
+    closes the connection."""
+    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+        for _ in range(times):
+            sock.sendall(piece)
+            time.sleep(interval_s)
+
+
 def request_head(extra: str = "", length: int | None = None) -> bytes:
     head = f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\n"
     head += "Content-Type: application/json\r\n"
@@ -72,13 +81,7 @@ def test_trickled_headers_are_cut_off(limited: RunningServer) -> None:
     with connect(limited) as sock:
         started = time.monotonic()
         sock.sendall(request_head())
-        answer = b""
-        try:
-            for _ in range(100):  # a header line every 0.1 s, forever (slow loris)
-                sock.sendall(b"X-Slow: 1\r\n")
-                time.sleep(0.1)
-        except (BrokenPipeError, ConnectionResetError):
-            pass
+        trickle(sock, b"X-Slow: 1\r\n", times=100, interval_s=0.1)  # slow loris, forever
         answer = read_until_closed(sock)
         elapsed = time.monotonic() - started
     assert elapsed <= HEADER_TIMEOUT_S + SLACK_S
@@ -98,12 +101,7 @@ def test_trickled_body_gets_408(limited: RunningServer) -> None:
     with connect(limited) as sock:
         sock.sendall(request_head("\r\n", length=10_000))
         started = time.monotonic()
-        try:
-            for _ in range(200):  # a byte every 0.05 s: 10,000 bytes would take 500 s
-                sock.sendall(b" ")
-                time.sleep(0.05)
-        except (BrokenPipeError, ConnectionResetError):
-            pass
+        trickle(sock, b" ", times=200, interval_s=0.05)  # 10,000 bytes would take 500 s
         answer = read_until_closed(sock)
         elapsed = time.monotonic() - started
     assert answer.startswith(b"HTTP/1.1 408 ")
