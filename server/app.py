@@ -26,6 +26,7 @@ from server.errors import (
     MethodNotAllowedError,
     NotFoundError,
 )
+from server.heap import freeze_long_lived
 from server.http_limits import HeaderCountMiddleware
 from server.metrics import metrics_registry
 from server.registry import ModelRegistry
@@ -132,6 +133,7 @@ def create_app(settings: ServerSettings, registry: ModelRegistry) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        freeze_long_lived()  # imports and app objects: out of every later collection
         registry.start_loading()
         try:
             yield

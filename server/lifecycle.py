@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 from server.engine.base import ModelLoadError
 from server.errors import InsufficientMemoryError, ModelTooLargeError, ModelUnavailableError
+from server.heap import freeze_long_lived, thaw
 from server.loading import LoadedParts, load_parts, model_paths
 from server.memory import Resident, estimate_bytes, mib, plan_eviction
 from server.served_model import LOAD_RETRY_S, ModelState, ServedModel
@@ -157,6 +158,7 @@ class Loader:
             time.monotonic() - started,
             mib(served.memory_bytes or 0),
         )
+        freeze_long_lived()
         _settle(future)
 
     def _load_parts(self, served: ServedModel) -> tuple[LoadedParts, Callable[[], None]]:
@@ -264,7 +266,11 @@ class Loader:
         finally:
             if release is not None:
                 release()
+        thaw()
         with self.lock:
+            # A later load starts from the default: a last request's keep_alive 0 would
+            # otherwise unload it before a client that did not wait for the load returns.
+            served.keep_alive_s = self.registry.default_keep_alive(served)
             self.registry.stats[f"unloads_{reason}"] += 1
         log.info("model '%s' unloaded (%s)", served.id, reason.replace("_", " "))
 

@@ -24,6 +24,7 @@ from pydantic import (
     WithJsonSchema,
     field_validator,
     model_serializer,
+    model_validator,
 )
 
 MAX_STOP_SEQUENCES = 16
@@ -118,6 +119,13 @@ KeepAlive = Annotated[
 
 class _Strict(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _interruptible(cls, data: Any) -> Any:
+        # A Python call per object lets the interpreter hand the GIL to the event loop;
+        # pydantic-core alone validates 15,000 messages in one 35 ms GIL hold.
+        return data
 
 
 # ---- request: messages --------------------------------------------------------------

@@ -4,6 +4,7 @@ bundled Gemma 3 270M under several ids."""
 
 from __future__ import annotations
 
+import gc
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -284,17 +285,40 @@ def test_catalog_model_loads_holds_and_releases(
     first = client.post("/v1/chat/completions", json=body)
     assert_envelope(first, 503, code="model_loading")
     assert first.headers["retry-after"] == "5"
+    chat_once_loaded(client, body)
+    assert catalog.held == ["stored"]
+    wait_released(catalog, ["stored"])  # keep_alive 0: unloaded, files released
+    catalog.offered = [e for e in catalog.offered if e.id != "stored"]  # ggufserve rm
+    assert [card["id"] for card in client.get("/v1/models").json()["data"]] == ["local"]
+    assert_envelope(client.post("/v1/chat/completions", json=body), 404, code="model_not_found")
+
+
+def chat_once_loaded(client: TestClient, body: dict[str, Any]) -> None:
+    """Repeat a chat request while its model loads (503) until it answers 200."""
     deadline = time.monotonic() + 60
-    response = first
+    response = client.post("/v1/chat/completions", json=body)
     while response.status_code == 503 and time.monotonic() < deadline:
         time.sleep(0.2)
         response = client.post("/v1/chat/completions", json=body)
     assert response.status_code == 200, response.text
-    assert catalog.held == ["stored"]
+
+
+def wait_released(catalog: TinyCatalog, expected: list[str]) -> None:
     deadline = time.monotonic() + 5
-    while catalog.released != ["stored"] and time.monotonic() < deadline:
+    while catalog.released != expected and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert catalog.released == ["stored"]  # keep_alive 0: unloaded, files released
-    catalog.offered = [e for e in catalog.offered if e.id != "stored"]  # ggufserve rm
-    assert [card["id"] for card in client.get("/v1/models").json()["data"]] == ["local"]
-    assert_envelope(client.post("/v1/chat/completions", json=body), 404, code="model_not_found")
+    assert catalog.released == expected
+
+
+def test_loaded_models_leave_the_collector_and_unloads_return(
+    catalog_app: tuple[TestClient, TinyCatalog],
+) -> None:
+    # A loaded model's objects are frozen (full GC passes skip them: they held the GIL
+    # 32 ms a pass); an unload thaws the heap so the model's reference cycles can be freed.
+    client, catalog = catalog_app
+    body = {"model": "stored", "messages": HI, "max_tokens": 2, "keep_alive": 0}
+    chat_once_loaded(client, body)
+    wait_released(catalog, ["stored"])
+    assert gc.get_freeze_count() == 0
+    chat_once_loaded(client, {**body, "keep_alive": "5m"})
+    assert gc.get_freeze_count() > 10_000  # the vocabulary, template and engine objects
