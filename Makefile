@@ -20,7 +20,11 @@ FORCE_REBUILD ?=
 ifdef CMAKE_ARGS
 export CMAKE_ARGS
 endif
-NATIVE := $(BIN)/python -m server.native.build
+# The llama.cpp build steps run before the package is installed: ggufserve (the server/
+# folder) is reached through a link on PYTHONPATH; they need only the standard library.
+BOOTSTRAP := $(CURDIR)/build/bootstrap
+NATIVE_IN = PYTHONPATH=$(BOOTSTRAP) $(1) -m ggufserve.native.build
+NATIVE := $(call NATIVE_IN,$(BIN)/python)
 
 STAMP_RUN := $(VENV)/.installed-run
 STAMP_TEST := $(VENV)/.installed-test
@@ -34,7 +38,10 @@ $(BIN)/python:
 # llama-cpp-python comes from our own wheel cache, keyed by the build flags, the compilers
 # and this CPU's native instruction set (pip's cache keys only by the sdist); it is in the
 # venv before `pip install -e .`, so pip never builds it itself. Always checked: seconds.
-llama: | $(BIN)/python
+$(BOOTSTRAP)/ggufserve:
+	mkdir -p $(BOOTSTRAP) && ln -sfn $(CURDIR)/server $@
+
+llama: | $(BIN)/python $(BOOTSTRAP)/ggufserve
 	$(NATIVE) ensure --backend $(BACKEND) --amx $(AMX) $(if $(FORCE_REBUILD),--force)
 
 $(STAMP_RUN): pyproject.toml | llama
@@ -53,7 +60,7 @@ $(STAMP_TEST): $(STAMP_RUN)
 
 # A tiny generation in a child process, once per build: a build that crashes here (SIGILL)
 # is rebuilt without AMX when AMX was in it, else the step fails with the fix.
-install: $(STAMP_RUN)
+install: $(STAMP_RUN) | $(BOOTSTRAP)/ggufserve
 	$(NATIVE) verify --backend $(BACKEND) --amx $(AMX)
 
 serve: install
@@ -88,15 +95,25 @@ fuzz: install $(STAMP_TEST)
 lint: $(STAMP_TEST)
 	$(BIN)/ruff check server converters tests
 	$(BIN)/ruff format --check server converters tests
-	$(BIN)/mypy server converters
+	$(MAKE) --no-print-directory typecheck
+
+# mypy reads the package as it is installed (ggufserve = server/, ggufserve.converters =
+# converters/) through a tree of links, as it cannot follow the editable install's finder.
+TYPECHECK := $(CURDIR)/build/typecheck
+.PHONY: typecheck
+typecheck: $(STAMP_TEST)
+	rm -rf $(TYPECHECK) && mkdir -p $(TYPECHECK)/ggufserve
+	ln -s $(CURDIR)/server/* $(TYPECHECK)/ggufserve/
+	ln -s $(CURDIR)/converters $(TYPECHECK)/ggufserve/converters
+	cd $(TYPECHECK) && $(CURDIR)/$(BIN)/mypy --config-file $(CURDIR)/pyproject.toml -p ggufserve
 
 # The peer server (llama-cpp-python[server]) pins its own FastAPI/Starlette: it gets a
 # separate environment so it cannot change ours, with the same llama.cpp build as ours.
 # examples/server/server.py (llama-cpp-python's batching server) also needs the packages
 # its script header lists.
-$(BENCH_VENV)/.installed: pyproject.toml
+$(BENCH_VENV)/.installed: pyproject.toml | $(BOOTSTRAP)/ggufserve
 	$(PYTHON) -m venv $(BENCH_VENV)
-	$(BENCH_VENV)/bin/python -m server.native.build ensure --backend $(BACKEND) --amx $(AMX)
+	$(call NATIVE_IN,$(BENCH_VENV)/bin/python) ensure --backend $(BACKEND) --amx $(AMX)
 	$(BENCH_VENV)/bin/pip install -q "llama-cpp-python[server]==$(LLAMA_CPP_PYTHON_VERSION)" \
 	  openai safetensors websockets jinja2 numpy
 	touch $@

@@ -1,4 +1,4 @@
-"""``ggufserve convert`` / ``ggufserve quantize`` (also ``python -m converters ...``).
+"""``ggufserve convert`` / ``ggufserve quantize`` (also ``python -m ggufserve.converters ...``).
 
 Exit codes: 0 on success, 2 for a named conversion error, 1 when the output cannot be
 written (disk full, permissions), 130 when interrupted (Ctrl-C); one line on stderr, no
@@ -14,11 +14,11 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from converters.errors import ConversionError
-from converters.quantize import QUANT_TYPES
+from ggufserve.converters.errors import ConversionError
+from ggufserve.converters.quantize import QUANT_TYPES
 
 if TYPE_CHECKING:
-    from converters.quality import QualityReport
+    from ggufserve.converters.quality import QualityReport
 
 EXIT_ERROR = 2
 EXIT_IO = 1
@@ -68,8 +68,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _run_convert(args: argparse.Namespace) -> None:
-    from converters.convert import convert
-    from converters.register import register
+    from ggufserve.converters.convert import convert
+    from ggufserve.converters.register import register
 
     result = convert(
         args.source,
@@ -93,7 +93,7 @@ def _run_convert(args: argparse.Namespace) -> None:
 
 
 def _run_quantize(args: argparse.Namespace) -> None:
-    from converters.quality import quantize_and_report
+    from ggufserve.converters.quality import quantize_and_report
 
     source: Path = args.gguf
     if not source.is_file():
@@ -110,7 +110,7 @@ def _run_quantize(args: argparse.Namespace) -> None:
 
 
 def _print_quality(reports: Iterable[QualityReport]) -> None:
-    from converters.quality import format_table
+    from ggufserve.converters.quality import format_table
 
     table = format_table(reports)
     if table:

@@ -19,7 +19,7 @@ import numpy as np
 from gguf.utility import SafetensorsLocal
 from safetensors import SafetensorError, safe_open
 
-from converters.errors import CheckpointError, ConfigError, SafetensorsError
+from ggufserve.converters.errors import CheckpointError, ConfigError, SafetensorsError
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"

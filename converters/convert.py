@@ -14,13 +14,13 @@ from pathlib import Path
 
 import gguf
 
-from converters.arch import ARCHITECTURES
-from converters.arch.base import Converter
-from converters.checkpoint import Checkpoint
-from converters.errors import TensorMappingError, UnsupportedArchitectureError
-from converters.metadata import general_metadata
-from converters.quality import QualityReport, quantize_and_report
-from converters.writer import PlannedTensor, check_output, write_gguf
+from ggufserve.converters.arch import ARCHITECTURES
+from ggufserve.converters.arch.base import Converter
+from ggufserve.converters.checkpoint import Checkpoint
+from ggufserve.converters.errors import TensorMappingError, UnsupportedArchitectureError
+from ggufserve.converters.metadata import general_metadata
+from ggufserve.converters.quality import QualityReport, quantize_and_report
+from ggufserve.converters.writer import PlannedTensor, check_output, write_gguf
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ def resolve_source(source: str) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
-    from converters.errors import CheckpointError
+    from ggufserve.converters.errors import CheckpointError
 
     try:
         return Path(snapshot_download(repo_id=source, allow_patterns=HUB_PATTERNS))
@@ -104,7 +104,7 @@ def metadata_writer(
 ) -> Callable[[gguf.GGUFWriter], None]:
     """general.type (``gguf.GGUFType.MODEL`` or ``MMPROJ``) and general.* (name, basename,
     size label, license, sampling defaults, ...) as llama.cpp's convert_hf_to_gguf.py
-    writes them (:func:`converters.metadata.general_metadata`), then the converter's
+    writes them (:func:`ggufserve.converters.metadata.general_metadata`), then the converter's
     hparams. ``name`` becomes general.name only when it is not the default (the source's
     folder or repo name): a given --name, like llama.cpp's --model-name."""
     is_repo = source.count("/") == 1 and not Path(source).exists()
@@ -161,7 +161,7 @@ def convert(
         quants: llama.cpp quantization types made from the text GGUF (one intermediate).
         mmproj_type: f32 | f16 | q8_0 for the vision projector.
         force: Replace existing outputs.
-        report: Measure each quantization against the text GGUF (converters.quality).
+        report: Measure each quantization against the text GGUF (ggufserve.converters.quality).
 
     Raises:
         ConversionError (any subclass): nothing has been written in that case, except

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from converters.llama_logs import captured_logs
+from ggufserve.converters.llama_logs import captured_logs
 
 # enum gguf_type (gguf.h) → ctypes result type of its gguf_get_val_* reader.
 SCALAR_READERS: dict[int, tuple[str, Any]] = {

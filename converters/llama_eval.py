@@ -11,8 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from converters.errors import ConversionError
-from converters.llama_logs import ErrorLines, captured_logs
+from ggufserve.converters.errors import ConversionError
+from ggufserve.converters.llama_logs import ErrorLines, captured_logs
 
 LOGITS_BATCH_BYTES = 128 * 2**20  # float32 logits of one batch: 128 MiB
 MAX_BATCH = 512  # tokens

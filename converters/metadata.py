@@ -9,8 +9,8 @@ from pathlib import Path
 
 import gguf
 
-from converters.checkpoint import Checkpoint
-from converters.errors import CheckpointError
+from ggufserve.converters.checkpoint import Checkpoint
+from ggufserve.converters.errors import CheckpointError
 
 
 def general_metadata(

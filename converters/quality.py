@@ -31,11 +31,11 @@ from typing import Any
 
 import numpy as np
 
-from converters.gguf_meta import read_metadata
-from converters.llama_eval import QualityError
-from converters.quality_measure import Reference, calibration, reference_pass
-from converters.quantize import MetadataValue, copy_with_metadata, ftype_of, quantize
-from converters.writer import atomic_path, check_output
+from ggufserve.converters.gguf_meta import read_metadata
+from ggufserve.converters.llama_eval import QualityError
+from ggufserve.converters.quality_measure import Reference, calibration, reference_pass
+from ggufserve.converters.quantize import MetadataValue, copy_with_metadata, ftype_of, quantize
+from ggufserve.converters.writer import atomic_path, check_output
 
 __all__ = [
     "QualityError",

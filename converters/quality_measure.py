@@ -22,9 +22,9 @@ from typing import BinaryIO
 
 import numpy as np
 
-from converters.gguf_meta import read_metadata
-from converters.llama_eval import LogitsRunner, QualityError
-from converters.progress import progress
+from ggufserve.converters.gguf_meta import read_metadata
+from ggufserve.converters.llama_eval import LogitsRunner, QualityError
+from ggufserve.converters.progress import progress
 
 CALIBRATION_FILE = "udhr6-code.md"
 ROW_CHUNK = 16  # positions per working set: 16 × n_vocab × 8 B (32 MiB for Gemma 3)
@@ -44,7 +44,7 @@ class Calibration:
 
 def calibration() -> Calibration:
     """The bundled calibration text (package data; see calibration/SOURCE.md)."""
-    data = importlib.resources.files("converters") / "calibration" / CALIBRATION_FILE
+    data = importlib.resources.files("ggufserve.converters") / "calibration" / CALIBRATION_FILE
     raw = data.read_bytes()
     name = CALIBRATION_FILE.rsplit(".", 1)[0]
     return Calibration(name, raw.decode("utf-8"), hashlib.sha256(raw).hexdigest())

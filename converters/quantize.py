@@ -23,10 +23,10 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from converters.errors import QuantizationError
-from converters.llama_logs import ErrorLines, captured_logs
-from converters.progress import Progress, progress
-from converters.writer import atomic_path, check_output, disk_full, disk_full_error
+from ggufserve.converters.errors import QuantizationError
+from ggufserve.converters.llama_logs import ErrorLines, captured_logs
+from ggufserve.converters.progress import Progress, progress
+from ggufserve.converters.writer import atomic_path, check_output, disk_full, disk_full_error
 
 # Output type name (llama.cpp's `llama-quantize` spelling) → llama_ftype constant name.
 QUANT_TYPES = {
@@ -122,7 +122,7 @@ def copy_with_metadata(source: Path, out: Path, metadata: Mapping[str, MetadataV
 
 def run_quantizer(job: QuantizerJob) -> None:
     """Run one ``llama_model_quantize`` in a child process (``python -m
-    converters.quantize``, the job as JSON on stdin), interruptibly.
+    ggufserve.converters.quantize``, the job as JSON on stdin), interruptibly.
 
     Raises:
         QuantizationError: llama.cpp returned non-zero (with its last error line) or the
@@ -131,15 +131,11 @@ def run_quantizer(job: QuantizerJob) -> None:
         KeyboardInterrupt: the child is terminated and waited for before this propagates.
     """
     job = replace(job, parent_pid=os.getpid())
-    package_root = str(Path(__file__).resolve().parent.parent)
-    path = os.environ.get("PYTHONPATH")
-    env = {**os.environ, "PYTHONPATH": package_root + (os.pathsep + path if path else "")}
     # Its own session: a terminal's Ctrl-C reaches only this process, which ends the child.
     child = subprocess.Popen(
-        [sys.executable, "-m", "converters.quantize"],
+        [sys.executable, "-m", "ggufserve.converters.quantize"],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
-        env=env,
         start_new_session=True,
     )
     try:

@@ -9,8 +9,8 @@ from typing import Any
 from ruamel.yaml import YAML
 from ruamel.yaml.error import YAMLError
 
-from converters.errors import ConversionError
-from converters.writer import atomic_path
+from ggufserve.converters.errors import ConversionError
+from ggufserve.converters.writer import atomic_path
 
 
 class RegistrationError(ConversionError):

@@ -21,8 +21,8 @@ from typing import Any
 
 import gguf
 
-from converters.checkpoint import Checkpoint
-from converters.errors import VocabError
+from ggufserve.converters.checkpoint import Checkpoint
+from ggufserve.converters.errors import VocabError
 
 log = logging.getLogger(__name__)
 

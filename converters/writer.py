@@ -25,8 +25,8 @@ import numpy as np
 from gguf import GGMLQuantizationType as QT
 from tqdm import tqdm
 
-from converters.checkpoint import TensorRef
-from converters.errors import OutputExistsError, TensorMappingError
+from ggufserve.converters.checkpoint import TensorRef
+from ggufserve.converters.errors import OutputExistsError, TensorMappingError
 
 CHUNK_BYTES = 32 * 2**20  # float32 working set of one chunk: 32 MiB
 # A failed write that leaves less than this free on its file system ran out of space: 1 MiB.

@@ -22,8 +22,8 @@ from pydantic import (
 from pydantic_core import ErrorDetails
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from server.memory import parse_budget
-from server.protocol import KeepAlive, keep_alive_seconds
+from ggufserve.api.wire import KeepAlive, keep_alive_seconds
+from ggufserve.models.memory import parse_budget
 
 MiB = 1024 * 1024
 
@@ -211,7 +211,7 @@ class ServerSettings(BaseSettings):
     log_level: str = "info"
     # Generate a few tokens in a child process before serving (once per library build).
     startup_check: bool = True
-    # Serve the browser chat page at / (server/web/); --no-webui turns it off.
+    # Serve the browser chat page at / (server/api/web/); --no-webui turns it off.
     webui: bool = True
     # Images (vision models)
     max_images_per_request: Annotated[int, Field(ge=0)] = 8

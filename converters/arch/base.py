@@ -13,9 +13,9 @@ from typing import Any
 
 import gguf
 
-from converters.checkpoint import Checkpoint, TensorRef
-from converters.errors import ConfigError, TensorMappingError
-from converters.writer import PlannedTensor
+from ggufserve.converters.checkpoint import Checkpoint, TensorRef
+from ggufserve.converters.errors import ConfigError, TensorMappingError
+from ggufserve.converters.writer import PlannedTensor
 
 
 def require(config: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:

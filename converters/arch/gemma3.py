@@ -19,7 +19,7 @@ import gguf
 import numpy as np
 from gguf import GGMLQuantizationType as QT
 
-from converters.arch.base import (
+from ggufserve.converters.arch.base import (
     Converter,
     DecoderConverter,
     check_shape,
@@ -28,10 +28,10 @@ from converters.arch.base import (
     optional,
     require,
 )
-from converters.checkpoint import Checkpoint, TensorRef
-from converters.errors import ConfigError
-from converters.vocab import load_sentencepiece_vocab, write_vocab
-from converters.writer import PlannedTensor
+from ggufserve.converters.checkpoint import Checkpoint, TensorRef
+from ggufserve.converters.errors import ConfigError
+from ggufserve.converters.vocab import load_sentencepiece_vocab, write_vocab
+from ggufserve.converters.writer import PlannedTensor
 
 # llama.cpp hard-codes these for gemma3 (src/llama-model.cpp: set_swa_pattern(6),
 # rope_freq_base_train_swa = 10000): a config that differs would run differently.
@@ -129,7 +129,7 @@ class Gemma3Text(DecoderConverter):
             gemma3 graph cannot reproduce (attention logit softcapping, a sliding-window
             pattern other than 5 local : 1 global, a local rope base other than 10000, a
             ``query_pre_attn_scalar`` llama.cpp does not use).
-        VocabError: see :func:`converters.vocab.load_sentencepiece_vocab`.
+        VocabError: see :func:`ggufserve.converters.vocab.load_sentencepiece_vocab`.
     """
 
     gguf_arch = "gemma3"

@@ -22,7 +22,7 @@ import numpy as np
 from gguf import MODEL_TENSOR
 from gguf import GGMLQuantizationType as QT
 
-from converters.arch.base import (
+from ggufserve.converters.arch.base import (
     Converter,
     DecoderConverter,
     check_shape,
@@ -31,10 +31,10 @@ from converters.arch.base import (
     optional,
     require,
 )
-from converters.checkpoint import Checkpoint, TensorRef
-from converters.errors import ConfigError, TensorMappingError
-from converters.vocab import load_bpe_vocab, write_bpe_vocab
-from converters.writer import PlannedTensor
+from ggufserve.converters.checkpoint import Checkpoint, TensorRef
+from ggufserve.converters.errors import ConfigError, TensorMappingError
+from ggufserve.converters.vocab import load_bpe_vocab, write_bpe_vocab
+from ggufserve.converters.writer import PlannedTensor
 
 TEXT_WHERE = "config.json text_config"
 VISION_WHERE = "config.json vision_config"
@@ -110,7 +110,7 @@ class Qwen3VLText(DecoderConverter):
             graph does not compute (attention bias, a non-SiLU activation, non-default rope
             scaling, M-RoPE sections that do not cover head_dim / 2, an untied model without
             ``lm_head``).
-        VocabError: see :func:`converters.vocab.load_bpe_vocab`.
+        VocabError: see :func:`ggufserve.converters.vocab.load_bpe_vocab`.
     """
 
     gguf_arch = "qwen3vl"

@@ -19,7 +19,7 @@ import numpy as np
 import numpy.typing as npt
 from llama_cpp import _internals
 
-from server.engine.base import ModelLoadError
+from ggufserve.engine.base import ModelLoadError
 
 DEFAULT_SEQ_MAX = 7  # inputs decoded together in one llama_decode (+1 sequence of pad rows)
 # ggml-cpu's repacked quantized GEMM takes token rows in blocks of 16, then 4, then one GEMV

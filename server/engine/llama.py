@@ -15,21 +15,21 @@ import llama_cpp
 from llama_cpp import _internals
 from llama_cpp._logger import set_verbose
 
-from server.engine.base import (
+from ggufserve.engine.base import (
     EngineStats,
     GenerationRequest,
     GrammarSpec,
     ModelInfo,
     ModelLoadError,
 )
-from server.engine.media import MediaPrompt, Mtmd
-from server.engine.sampling import TokenSampler, init_grammar
-from server.engine.scheduler import ContextLimits, Scheduler
-from server.engine.sequence import ImagePiece, Piece, Running
-from server.engine.special_tokens import SPECIAL, Plan, SpecialTokens
-from server.engine.text import StopScanner
-from server.engine.worker import Generation, StepClock
-from server.images import LoadedImage
+from ggufserve.engine.media import MediaPrompt, Mtmd
+from ggufserve.engine.sampling import TokenSampler, init_grammar
+from ggufserve.engine.scheduler import ContextLimits, Scheduler
+from ggufserve.engine.sequence import ImagePiece, Piece, Running
+from ggufserve.engine.special_tokens import SPECIAL, Plan, SpecialTokens
+from ggufserve.engine.text import StopScanner
+from ggufserve.engine.worker import Generation, StepClock
+from ggufserve.generation.images import LoadedImage
 
 # Image-boundary spellings some vocabularies mark USER_DEFINED (Gemma 3): markup all the
 # same, since only a template (or mtmd) may place an image.

@@ -14,10 +14,10 @@ import llama_cpp
 import numpy as np
 from llama_cpp import mtmd_cpp
 
-from server.engine.base import EngineStats, ModelLoadError
-from server.engine.sequence import ImagePiece, Piece
-from server.engine.special_tokens import Plan
-from server.images import LoadedImage
+from ggufserve.engine.base import EngineStats, ModelLoadError
+from ggufserve.engine.sequence import ImagePiece, Piece
+from ggufserve.engine.special_tokens import Plan
+from ggufserve.generation.images import LoadedImage
 
 
 def _parts(

@@ -13,7 +13,7 @@ import llama_cpp
 import numpy as np
 from llama_cpp import _internals
 
-from server.engine.base import GrammarSpec, SamplingParams, TokenLogprob
+from ggufserve.engine.base import GrammarSpec, SamplingParams, TokenLogprob
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +24,7 @@ TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32
 # Most grammar work one step of one sequence may take on the owner thread. Measured on the
 # bundled Gemma 3 (262k vocabulary, tests/bench/grammar_cost.py): a full-vocabulary check
 # costs 25-105 ms for ordinary schemas and up to ~360 ms for the widest the limits of
-# server.grammar.cost allow; a prefiltered step (below) ~3 ms. Above this: a runaway.
+# ggufserve.grammar.cost allow; a prefiltered step (below) ~3 ms. Above this: a runaway.
 MAX_GRAMMAR_STEP_S = 0.5
 # A constrained step first checks the grammar on this many most likely tokens only (plus
 # logit-biased ones); the whole vocabulary only if none of them fits.

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import llama_cpp
 from llama_cpp import _internals
 
-from server.engine.base import (
+from ggufserve.engine.base import (
     EngineStats,
     Failed,
     Finished,
@@ -44,9 +44,9 @@ from server.engine.base import (
     TextDelta,
     TokenLogprob,
 )
-from server.engine.sampling import GrammarFailure, logits_row, token_logprob
-from server.engine.sequence import IMAGE_ROW, ImagePiece, Running, Slot, common_prefix
-from server.engine.worker import EngineBusy, EngineClosed, Generation, StepClock
+from ggufserve.engine.sampling import GrammarFailure, logits_row, token_logprob
+from ggufserve.engine.sequence import IMAGE_ROW, ImagePiece, Running, Slot, common_prefix
+from ggufserve.engine.worker import EngineBusy, EngineClosed, Generation, StepClock
 
 log = logging.getLogger(__name__)
 

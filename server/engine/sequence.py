@@ -10,10 +10,10 @@ from typing import Any
 
 import numpy as np
 
-from server.engine.base import TokenLogprob
-from server.engine.sampling import TokenSampler
-from server.engine.text import StopScanner
-from server.engine.worker import Generation
+from ggufserve.engine.base import TokenLogprob
+from ggufserve.engine.sampling import TokenSampler
+from ggufserve.engine.text import StopScanner
+from ggufserve.engine.worker import Generation
 
 # Stands in the cached-token list for a row that holds an image embedding: never equal to
 # a prompt token, so prefix reuse stops before any image.

@@ -10,7 +10,7 @@ import threading
 import time
 from collections.abc import AsyncIterator
 
-from server.engine.base import (
+from ggufserve.engine.base import (
     Failed,
     Finished,
     GenerationEvent,

@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-from server.families.base import (
+from ggufserve.families.base import (
     ContentDelta,
     Family,
     ReasoningDelta,
@@ -14,9 +14,9 @@ from server.families.base import (
     ToolCall,
     parse_reply,
 )
-from server.families.gemma3 import Gemma3
-from server.families.qwen3_vl import Qwen3VL
-from server.families.reasoning import THINK_CLOSE, THINK_OPEN, prompt_opens_reasoning
+from ggufserve.families.gemma3 import Gemma3
+from ggufserve.families.qwen3_vl import Qwen3VL
+from ggufserve.families.reasoning import THINK_CLOSE, THINK_OPEN, prompt_opens_reasoning
 
 __all__ = [
     "THINK_CLOSE",

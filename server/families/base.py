@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Set
 from dataclasses import dataclass
 from typing import Any
 
-from server.families.reasoning import Channel, ChannelSplitter, find_marker
+from ggufserve.families.reasoning import Channel, ChannelSplitter, find_marker
 
 
 @dataclass(frozen=True)
@@ -86,7 +86,7 @@ class Family(ABC):
     Attributes:
         name: Family id (``gemma3``, ``qwen3_vl``).
         call_openers: Literal texts that start a call, most typical first.
-        tool_template: Shipped template (server/chat_templates/) to render requests that
+        tool_template: Shipped template (server/families/chat_templates/) to render requests that
             have tools or tool turns; None = the model's own template (it handles tools).
     """
 

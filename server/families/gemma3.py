@@ -15,8 +15,8 @@ import json
 import re
 from collections.abc import Set
 
-from server.families.base import Family, ToolCall, arguments_json, call_from_object, new_call_id
-from server.families.reasoning import PARTIAL, find_marker
+from ggufserve.families.base import Family, ToolCall, arguments_json, call_from_object, new_call_id
+from ggufserve.families.reasoning import PARTIAL, find_marker
 
 GEMMA_ARGUMENTS_KEY = "parameters"
 # Keys accepted for the arguments object when parsing, preferred first.

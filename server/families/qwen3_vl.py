@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Set
 
-from server.families.base import Family, ToolCall, call_from_object
+from ggufserve.families.base import Family, ToolCall, call_from_object
 
 QWEN_CALL_OPEN = "<tool_call>"
 QWEN_CALL_CLOSE = "</tool_call>"

@@ -8,7 +8,7 @@ The *width* estimated here is an upper bound on those stacks: an ``enum`` keeps 
 value alive until their spellings differ, ``anyOf`` keeps every branch, an object keeps
 each optional property that may come next, and a pattern whose repetition nests over a
 variable-length body keeps every (outer copy, inner position) pair (see
-:func:`server.grammar.pattern.json_safe_pattern`). The limits come from
+:func:`ggufserve.grammar.pattern.json_safe_pattern`). The limits come from
 ``python -m tests.bench.grammar_cost`` (the README's security section has its table).
 """
 
@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from server.grammar.keywords import UnsupportedSchemaError
+from ggufserve.grammar.keywords import UnsupportedSchemaError
 
 # Stacks alive at the start of a value of each primitive rule of the converter
 # (number: sign or digit; boolean: true or false; an unconstrained object or array

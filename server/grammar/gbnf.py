@@ -9,16 +9,16 @@ from typing import Any
 
 from llama_cpp.llama_grammar import PRIMITIVE_RULES, SPACE_RULE, SchemaConverter
 
-from server.grammar.cost import DEFAULT_LIMITS, GrammarLimits
-from server.grammar.keywords import ANY_TYPES, UnsupportedSchemaError, join, spellable
-from server.grammar.schema import SchemaNormalizer
+from ggufserve.grammar.cost import DEFAULT_LIMITS, GrammarLimits
+from ggufserve.grammar.keywords import ANY_TYPES, UnsupportedSchemaError, join, spellable
+from ggufserve.grammar.schema import SchemaNormalizer
 
 # The converter's string character admits raw control characters, which JSON forbids
 # (json.loads rejects them); llama.cpp's own converter later excluded them the same way.
 _CHAR_RULE = "char ::= " + PRIMITIVE_RULES["char"].content
 _JSON_CHAR_RULE = _CHAR_RULE.replace('[^"\\\\]', '[^"\\\\\\x00-\\x1F]', 1)
 if _JSON_CHAR_RULE == _CHAR_RULE:
-    raise ImportError("llama_cpp.llama_grammar's 'char' rule changed: review server.grammar")
+    raise ImportError("llama_cpp.llama_grammar's 'char' rule changed: review ggufserve.grammar")
 
 # The converter allows at most one space between JSON tokens. Tool calls may also be
 # pretty-printed (models do; lazy triggers match newlines), as llama.cpp's newer converter
@@ -62,7 +62,7 @@ def json_schema_gbnf(schema: dict[str, Any], *, limits: GrammarLimits = DEFAULT_
     Thread-safe: every call builds its own state.
 
     Raises:
-        UnsupportedSchemaError: as :func:`server.grammar.check_schema` (with ``limits``).
+        UnsupportedSchemaError: as :func:`ggufserve.grammar.check_schema` (with ``limits``).
     """
     normalizer = SchemaNormalizer(limits)
     document = normalizer.document(normalizer.add(schema, ""))
@@ -128,7 +128,7 @@ def tool_calls_gbnf(
         UnsupportedSchemaError: no tools; a tool that is not a function, has no usable
             name (empty, repeated, or with quotes, backslashes or control characters), or
             whose ``parameters`` is not an object schema; or anything
-            :func:`server.grammar.check_schema` refuses in ``parameters`` (paths start
+            :func:`ggufserve.grammar.check_schema` refuses in ``parameters`` (paths start
             with ``tools[i].function.parameters``), or tools past ``limits`` together.
     """
     if not tools:

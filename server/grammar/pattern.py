@@ -16,7 +16,7 @@ import re
 import string
 from dataclasses import dataclass
 
-from server.grammar.keywords import MAX_REPEAT
+from ggufserve.grammar.keywords import MAX_REPEAT
 
 MAX_GROUP_DEPTH = 32
 

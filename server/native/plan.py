@@ -25,7 +25,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
-from server.native.amx import ProbeResult, run_probe
+from ggufserve.native.amx import ProbeResult, run_probe
 
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 BACKEND_CMAKE_ARGS = {"cpu": "", "cuda": "-DGGML_CUDA=on", "metal": "-DGGML_METAL=on"}

@@ -4,7 +4,7 @@ A build that uses an instruction the CPU cannot execute dies with SIGILL on its 
 matrix multiply; in a child that is a return code, not a dead server. The parent side is
 standard library only, so the Makefile can run it before the project's imports work.
 
-Child: ``python -m server.native.smoke MODEL_GGUF N_GPU_LAYERS`` prints one JSON line.
+Child: ``python -m ggufserve.native.smoke MODEL_GGUF N_GPU_LAYERS`` prints one JSON line.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def run_smoke(
 ) -> SmokeResult:
     """Load ``model`` and generate a few tokens in a child process. Raises nothing."""
     started = time.monotonic()
-    command = [python, "-m", "server.native.smoke", str(model), str(n_gpu_layers)]
+    command = [python, "-m", "ggufserve.native.smoke", str(model), str(n_gpu_layers)]
     try:
         done = subprocess.run(
             command, capture_output=True, text=True, timeout=timeout_s, check=False,

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import llama_cpp
 
-from server.native.smoke import SmokeResult, run_smoke
-from server.native.wheels import cache_root
+from ggufserve.native.smoke import SmokeResult, run_smoke
+from ggufserve.native.wheels import cache_root
 
 
 def _cpu_identity() -> str:

@@ -13,7 +13,7 @@ from pathlib import Path
 import llama_cpp
 from llama_cpp import _ggml
 
-from server.native.wheels import installed_record
+from ggufserve.native.wheels import installed_record
 
 # ggml-backend.h: enum ggml_backend_dev_type.
 DEVICE_TYPES = {0: "cpu", 1: "gpu", 2: "igpu", 3: "accel"}

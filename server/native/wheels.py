@@ -24,7 +24,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from server.native.plan import LLAMA_CPP_PYTHON_VERSION, BuildPlan, make_plan
+from ggufserve.native.plan import LLAMA_CPP_PYTHON_VERSION, BuildPlan, make_plan
 
 RECORD_NAME = "ggufserve-llama-build.json"
 
@@ -74,7 +74,7 @@ def machine_plan(backend: str, amx_policy: str) -> BuildPlan:
     backend's default) and AMX crashes remembered under :func:`cache_root`.
 
     Raises:
-        BuildPlanError: see :func:`server.native.plan.make_plan`.
+        BuildPlanError: see :func:`ggufserve.native.plan.make_plan`.
     """
     root = cache_root()
     return make_plan(

@@ -5,7 +5,7 @@ Builds (once, cached) random-weight bfloat16 checkpoints with real shapes:
 - Qwen3-VL-30B-A3B (MoE): 1 of its 48 layers at full size (128 experts of 2048 → 768,
   stored fused in the Hub layout), the real 151,936-row vocabulary untied, and a 3-block
   vision tower of the real width with deepstack mergers (2.6 GB).
-Each is converted with ``python -m converters`` in a child process whose peak RSS is read
+Each is converted with ``python -m ggufserve.converters`` in a child process whose peak RSS is read
 by the parent. Prints and writes ``bench/results/convert-memory-<UTC time>.json``.
 """
 
@@ -182,7 +182,7 @@ def build_qwen3vl_moe(folder: Path) -> None:
 def measure(name: str, ckpt: Path, largest_bf16: int) -> dict[str, Any] | None:
     """Convert ``ckpt`` in a child process; its own peak RSS (``os.wait4``) and throughput."""
     size = (ckpt / "model.safetensors").stat().st_size
-    command = [sys.executable, "-m", "converters", "convert", str(ckpt), "--out"]
+    command = [sys.executable, "-m", "ggufserve.converters", "convert", str(ckpt), "--out"]
     with tempfile.TemporaryDirectory(dir=REPO) as out, tempfile.TemporaryFile() as log:
         started = time.monotonic()
         child = subprocess.Popen([*command, out, "--name", "m"], cwd=REPO, stderr=log)

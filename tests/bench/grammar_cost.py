@@ -1,9 +1,9 @@
 """``python -m tests.bench.grammar_cost``: what a JSON-schema grammar costs on the bundled
-Gemma 3 270M (262k-token vocabulary), to choose :mod:`server.grammar.cost`'s limits.
+Gemma 3 270M (262k-token vocabulary), to choose :mod:`ggufserve.grammar.cost`'s limits.
 
 For growing enum sizes, optional-property counts, union sizes, nested pattern repetition
 and ``$ref`` chains it prints: the conversion time (schema checks + GBNF, limits off), the
-grammar's parse time in llama.cpp, the estimated width (``server.grammar.cost``), and the
+grammar's parse time in llama.cpp, the estimated width (``ggufserve.grammar.cost``), and the
 time of one ``llama_sampler_apply`` of the grammar over the whole vocabulary in its
 worst state (after a prefix that keeps every alternative alive) — the step the sampler
 takes whenever the model's pick breaks the grammar. For comparison: the normal path (the
@@ -24,11 +24,11 @@ from typing import Any
 import llama_cpp
 import numpy as np
 
-from server.engine.base import SamplingParams
-from server.engine.sampling import TOKEN_DATA, make_chain
-from server.grammar.cost import UNBOUNDED, WidthMeter
-from server.grammar.gbnf import json_schema_gbnf
-from server.grammar.schema import SchemaNormalizer
+from ggufserve.engine.base import SamplingParams
+from ggufserve.engine.sampling import TOKEN_DATA, make_chain
+from ggufserve.grammar.cost import UNBOUNDED, WidthMeter
+from ggufserve.grammar.gbnf import json_schema_gbnf
+from ggufserve.grammar.schema import SchemaNormalizer
 
 Case = tuple[str, dict[str, Any], str]
 

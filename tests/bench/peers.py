@@ -1,7 +1,7 @@
 """The benchmark's peers, all from the same llama-cpp-python sdist as our build:
 
 - ``llama-server`` and ``llama-bench``, built with CMake from the sdist's vendored
-  llama.cpp with our build's flags (``server.native.plan``), cached per build key under
+  llama.cpp with our build's flags (``ggufserve.native.plan``), cached per build key under
   ``~/.cache/ggufserve/bench/`` (about 10 minutes on 2 cores the first time);
 - ``examples/server/server.py``, llama-cpp-python's own continuous-batching server, run
   with the bench venv's Python (it needs FastAPI, which our environment does not carry).
@@ -17,7 +17,7 @@ import tarfile
 from collections.abc import Callable
 from pathlib import Path
 
-from server.native import wheels
+from ggufserve.native import wheels
 from tests.conftest import wait_for_status
 
 TOOLS = ("llama-server", "llama-bench")

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import httpx
 
-from server.templates import fallback_template
+from ggufserve.generation.templates import fallback_template
 from tests.bench import latency, peers
 from tests.bench.latency import percentile
 from tests.conftest import (

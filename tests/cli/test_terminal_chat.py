@@ -16,7 +16,7 @@ import pexpect
 import pytest
 from PIL import Image
 
-from tests.conftest import REPO
+from tests.conftest import REPO, sigint_default
 
 PROMPT = ">>> "
 STATS = re.compile(r"\[(\d+) tokens \(prompt (\d+)\)")
@@ -26,11 +26,12 @@ IMAGE_TOKENS = 16  # mm_tokens_per_image of the tiny checkpoint
 def spawn(home: Path, *args: str) -> pexpect.spawn:
     child = pexpect.spawn(
         sys.executable,
-        ["-m", "server", "run", *args],
+        ["-m", "ggufserve", "run", *args],
         cwd=str(REPO),
         env={**os.environ, "GGUFSERVE_HOME": str(home), "TERM": "dumb"},
         encoding="utf-8",
         timeout=300,
+        preexec_fn=sigint_default,
         dimensions=(40, 200),
     )
     child.expect_exact(PROMPT)
@@ -116,7 +117,7 @@ def test_image_command_on_the_tiny_vision_model(gemma3_mm_ckpt: Path, tmp_path: 
 
 def test_one_shot_from_argument_and_stdin(bundled_gguf: Path, tmp_path: Path) -> None:
     env = {**os.environ, "GGUFSERVE_HOME": str(tmp_path / "home")}
-    command = [sys.executable, "-m", "server", "run", str(bundled_gguf), "--max-tokens", "8"]
+    command = [sys.executable, "-m", "ggufserve", "run", str(bundled_gguf), "--max-tokens", "8"]
     by_argument = subprocess.run(
         [*command, "The capital of France is"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL,

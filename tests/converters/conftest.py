@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from converters.convert import ConversionResult, convert
+from ggufserve.converters.convert import ConversionResult, convert
 from tests.conftest import REPO
 from tests.converters.builders import cached
 from tests.converters.real_weights import build_real_gemma3_270m
@@ -123,7 +123,7 @@ def real_f32(real_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[
     command = [
         sys.executable,
         "-m",
-        "converters",
+        "ggufserve.converters",
         "convert",
         str(real_ckpt),
         "--out",

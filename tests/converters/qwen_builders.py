@@ -58,7 +58,7 @@ FIRST_ADDED_ID = 151_643
 IMAGE_PAD_ID = 151_655
 # Qwen3-VL-Instruct's turn format for text and image parts: the server's fallback template
 # (the Hub template also handles tools, video and reasoning, which these tests do not use).
-CHAT_TEMPLATE = (files("server") / "chat_templates" / "qwen3vl.jinja").read_text()
+CHAT_TEMPLATE = (files("ggufserve.families") / "chat_templates" / "qwen3vl.jinja").read_text()
 # mrope_section [3, 3, 2] covers head_dim/2 = 8 rotary pairs exactly, so llama.cpp's
 # interleaved M-RoPE (IMROPE) and transformers' assign every pair to the same axis.
 TEXT_CONFIG: dict[str, Any] = {

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from converters.__main__ import main
+from ggufserve.converters.__main__ import main
 from tests.conftest import REPO
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json")
@@ -312,7 +312,15 @@ def test_disk_full_leaves_no_partial_file(tmp_path: Path, gemma3_text_ckpt: Path
         resource.setrlimit(resource.RLIMIT_FSIZE, (8 * 2**20, 8 * 2**20))
 
     result = subprocess.run(
-        [sys.executable, "-m", "converters", "convert", str(gemma3_text_ckpt), "--out", str(out)],
+        [
+            sys.executable,
+            "-m",
+            "ggufserve.converters",
+            "convert",
+            str(gemma3_text_ckpt),
+            "--out",
+            str(out),
+        ],
         cwd=REPO,
         capture_output=True,
         text=True,

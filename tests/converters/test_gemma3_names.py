@@ -5,7 +5,7 @@ from __future__ import annotations
 import gguf
 import pytest
 
-from converters.arch.gemma3 import normalise
+from ggufserve.converters.arch.gemma3 import normalise
 
 LAYOUTS = {
     # Hub checkpoints (transformers 4.x)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from converters.convert import ConversionResult
+from ggufserve.converters.convert import ConversionResult
 from tests.converters.mtmd_embed import chat_with_image, image_embeddings
 from tests.converters.parity import compare, llama_logits, reference_logits
 

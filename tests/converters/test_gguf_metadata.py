@@ -12,11 +12,11 @@ import gguf
 import numpy as np
 import pytest
 
-from converters.checkpoint import Checkpoint
-from converters.convert import ConversionResult, convert
-from converters.errors import VocabError
-from converters.metadata import general_metadata
-from converters.vocab import added_token, load_sentencepiece_vocab
+from ggufserve.converters.checkpoint import Checkpoint
+from ggufserve.converters.convert import ConversionResult, convert
+from ggufserve.converters.errors import VocabError
+from ggufserve.converters.metadata import general_metadata
+from ggufserve.converters.vocab import added_token, load_sentencepiece_vocab
 from tests.converters.builders import CHAT_TEMPLATE, TEXT_CONFIG, VISION_CONFIG
 
 

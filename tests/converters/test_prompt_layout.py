@@ -18,12 +18,12 @@ import numpy as np
 import pytest
 from llama_cpp import mtmd_cpp
 
-from converters.convert import ConversionResult
-from server.engine.media import Mtmd
-from server.images import LoadedImage
-from server.prompting import TemplateInput, render, tokenize_media
-from server.registry import ModelRegistry, ServedModel
-from server.settings import ModelEntry, ServerSettings
+from ggufserve.converters.convert import ConversionResult
+from ggufserve.engine.media import Mtmd
+from ggufserve.generation.images import LoadedImage
+from ggufserve.generation.prompting import TemplateInput, render, tokenize_media
+from ggufserve.models.registry import ModelRegistry, ServedModel
+from ggufserve.settings import ModelEntry, ServerSettings
 from tests.converters.qwen_builders import IMAGE_PAD_ID
 
 GEMMA_SOFT_TOKEN = 262_144  # <image_soft_token> of the tiny multimodal Gemma 3

@@ -20,16 +20,22 @@ import gguf
 import numpy as np
 import pytest
 
-import converters.quality as quality
-from converters.__main__ import main
-from converters.errors import QuantizationError
-from converters.gguf_meta import read_metadata
-from converters.llama_eval import LogitsRunner, QualityError
-from converters.progress import PlainProgress
-from converters.quality import QualityReport, calibration, format_table, read_quality, report_path
-from converters.quality_measure import compare_rows, reference_rows
-from converters.quantize import copy_with_metadata
-from tests.conftest import REPO
+import ggufserve.converters.quality as quality
+from ggufserve.converters.__main__ import main
+from ggufserve.converters.errors import QuantizationError
+from ggufserve.converters.gguf_meta import read_metadata
+from ggufserve.converters.llama_eval import LogitsRunner, QualityError
+from ggufserve.converters.progress import PlainProgress
+from ggufserve.converters.quality import (
+    QualityReport,
+    calibration,
+    format_table,
+    read_quality,
+    report_path,
+)
+from ggufserve.converters.quality_measure import compare_rows, reference_rows
+from ggufserve.converters.quantize import copy_with_metadata
+from tests.conftest import REPO, sigint_default
 
 # The reference pass (F32, 703 tokens) plus three quantize + measure passes run in one
 # fixture; on 2 busy cores that can pass the default 300 s per test.
@@ -51,12 +57,12 @@ def own_copy(source: Path, folder: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def reported(real_f32: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """``python -m converters quantize real-F32.gguf Q8_0 Q4_K_M Q2_K`` (report on)."""
+    """``python -m ggufserve.converters quantize real-F32.gguf Q8_0 Q4_K_M Q2_K`` (report on)."""
     folder = tmp_path_factory.mktemp("quality")
     source = own_copy(real_f32["path"], folder)
     started = time.monotonic()
     result = subprocess.run(
-        [sys.executable, "-m", "converters", "quantize", str(source), *QUANTS],
+        [sys.executable, "-m", "ggufserve.converters", "quantize", str(source), *QUANTS],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -204,10 +210,19 @@ def test_ctrl_c_during_quantization_leaves_no_file(
     removes the partial file and exits 130."""
     source = own_copy(real_f32["path"], tmp_path)
     process = subprocess.Popen(
-        [sys.executable, "-m", "converters", "quantize", str(source), "Q2_K", "--no-report"],
+        [
+            sys.executable,
+            "-m",
+            "ggufserve.converters",
+            "quantize",
+            str(source),
+            "Q2_K",
+            "--no-report",
+        ],
         cwd=REPO,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=sigint_default,
     )
     assert process.stderr is not None
     for line in process.stderr:  # plain progress lines (stderr is not a terminal)

@@ -12,9 +12,9 @@ import httpx
 import llama_cpp
 import pytest
 
-from converters.__main__ import main
-from converters.convert import ConversionResult
-from converters.quantize import QUANT_TYPES
+from ggufserve.converters.__main__ import main
+from ggufserve.converters.convert import ConversionResult
+from ggufserve.converters.quantize import QUANT_TYPES
 from tests.conftest import REPO, RunningServer, fake_hub_cache
 
 REQUIRED_TYPES = ["Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q4_K_M", "Q4_K_S", "Q4_0", "IQ4_NL"]
@@ -146,7 +146,7 @@ def test_convert_from_hub_repo_id_offline(gemma3_text_ckpt: Path, tmp_path: Path
     command = [
         sys.executable,
         "-m",
-        "converters",
+        "ggufserve.converters",
         "convert",
         "example-org/tiny-gemma-3",
         "--out",

@@ -14,9 +14,9 @@ import gguf
 import httpx
 import pytest
 
-from converters.__main__ import main
-from converters.convert import ConversionResult, convert
-from converters.errors import ConfigError, VocabError
+from ggufserve.converters.__main__ import main
+from ggufserve.converters.convert import ConversionResult, convert
+from ggufserve.converters.errors import ConfigError, VocabError
 from tests.conftest import RunningServer
 from tests.converters.qwen_builders import (
     CHAT_TEMPLATE,

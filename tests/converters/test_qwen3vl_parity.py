@@ -12,7 +12,7 @@ import pytest
 import torch
 from llama_cpp import mtmd_cpp
 
-from converters.convert import ConversionResult
+from ggufserve.converters.convert import ConversionResult
 from tests.converters.conftest import QWEN_VARIANTS
 from tests.converters.mtmd_embed import chat_with_image, image_embeddings, logits_after_image
 from tests.converters.parity import compare, llama_logits, reference_logits

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from converters.quantize import quantize
+from ggufserve.converters.quantize import quantize
 from tests.converters.parity import compare, llama_logits, reference_logits
 
 MiB = 2**20
@@ -34,7 +34,7 @@ def text_ids(tokenizer: Any, n_tokens: int) -> list[int]:
 
 
 def test_conversion_memory_is_a_fixed_margin(real_ckpt: Path, real_f32: dict[str, Any]) -> None:
-    from converters.checkpoint import Checkpoint
+    from ggufserve.converters.checkpoint import Checkpoint
 
     ckpt = Checkpoint.open(real_ckpt)
     total = sum(ref.nbytes for ref in ckpt.tensors.values())

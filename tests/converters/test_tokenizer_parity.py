@@ -9,7 +9,7 @@ from typing import Any
 import llama_cpp
 import pytest
 
-from converters.convert import ConversionResult
+from ggufserve.converters.convert import ConversionResult
 
 BASE = [
     "Hello world",

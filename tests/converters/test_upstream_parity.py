@@ -27,9 +27,9 @@ from typing import Any
 import gguf
 import pytest
 
-from converters.convert import ConversionResult, convert
-from server.native import wheels
-from server.native.plan import LLAMA_CPP_PYTHON_VERSION
+from ggufserve.converters.convert import ConversionResult, convert
+from ggufserve.native import wheels
+from ggufserve.native.plan import LLAMA_CPP_PYTHON_VERSION
 
 UPSTREAM_TIMEOUT_S = 600
 UPSTREAM_FILES = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/")

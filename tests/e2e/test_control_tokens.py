@@ -13,7 +13,7 @@ import llama_cpp
 import openai
 import pytest
 
-from converters.convert import convert
+from ggufserve.converters.convert import convert
 from tests.conftest import RunningServer, gemma3_template
 from tests.e2e.conftest import MODEL
 from tests.e2e.test_vision import png

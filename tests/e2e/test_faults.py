@@ -19,7 +19,7 @@ import httpx
 import pytest
 import yaml
 
-from server.store import ModelStore
+from ggufserve.store.model_store import ModelStore
 from tests.cli.test_store import cli
 from tests.conftest import (
     NO_EOG,

@@ -29,7 +29,7 @@ from schemathesis.checks import (
 )
 from schemathesis.core.failures import FailureGroup
 
-from server.routes import routes
+from ggufserve.api.routes import routes
 from tests.conftest import RunningServer, model_entry
 from tests.e2e.conftest import MODEL
 

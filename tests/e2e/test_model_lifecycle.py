@@ -16,10 +16,10 @@ import pytest
 import yaml
 from starlette.testclient import TestClient
 
-from server.app import create_app
-from server.memory import MiB, estimate_bytes
-from server.registry import ModelRegistry
-from server.settings import FileSource, ModelEntry, ServerSettings
+from ggufserve.api.app import create_app
+from ggufserve.models.memory import MiB, estimate_bytes
+from ggufserve.models.registry import ModelRegistry
+from ggufserve.settings import FileSource, ModelEntry, ServerSettings
 from tests.conftest import NO_EOG, RunningServer, model_entry
 from tests.e2e.test_errors import assert_envelope
 

@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
-from server.protocol import MAX_TOOL_ARGUMENTS_DEPTH, json_nesting_exceeds, keep_alive_seconds
+from ggufserve.api.wire import MAX_TOOL_ARGUMENTS_DEPTH, json_nesting_exceeds, keep_alive_seconds
 from tests.e2e.conftest import MODEL
 from tests.e2e.test_errors import assert_envelope
 

@@ -14,7 +14,7 @@ import httpx
 import openai
 import pytest
 
-from converters.convert import convert
+from ggufserve.converters.convert import convert
 from tests.conftest import RunningServer
 
 THINKING = "qwen-thinking"
@@ -44,7 +44,7 @@ def qwen(
 ) -> RunningServer:
     out = tmp_path_factory.mktemp("tiny-qwen-text")
     result = convert(str(qwen_ckpt["dense"]), out_dir=out, name="qwen-dense")
-    thinking = str(files("server") / "chat_templates" / "qwen3vl_thinking.jinja")
+    thinking = str(files("ggufserve.families") / "chat_templates" / "qwen3vl_thinking.jinja")
     entries = [
         {"id": INSTRUCT, "gguf": {"path": str(result.text)}, "n_ctx": 2048},
         {

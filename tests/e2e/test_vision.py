@@ -18,7 +18,7 @@ import openai
 import pytest
 from PIL import Image
 
-from converters.convert import convert
+from ggufserve.converters.convert import convert
 from tests.conftest import NO_EOG, RunningServer
 
 MODEL = "tiny-vision"

@@ -11,7 +11,7 @@ import httpx
 import openai
 import pytest
 
-from converters.convert import convert
+from ggufserve.converters.convert import convert
 from tests.conftest import RunningServer
 from tests.converters.test_qwen3vl_checkpoints import QWEN_NO_EOG
 from tests.e2e.test_vision import (

@@ -1,5 +1,5 @@
 """The build phase of ``tests/gpu/run_gpu_checks.sh``: llama-cpp-python from the kit's trimmed
-sdist with the project's build plan (``server.native.wheels.machine_plan``: flags, AMX
+sdist with the project's build plan (``ggufserve.native.wheels.machine_plan``: flags, AMX
 decision, cache key) and its install record, plus llama-bench and llama-server from the
 same CMake configure (``llama_tools.cmake``).
 
@@ -27,7 +27,7 @@ import tarfile
 import time
 from pathlib import Path
 
-from server.native import wheels
+from ggufserve.native import wheels
 
 HERE = Path(__file__).resolve().parent
 HOOK = HERE / "llama_tools.cmake"

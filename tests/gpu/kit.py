@@ -7,7 +7,7 @@ device tool; tree + kit must stay under its 64 MiB):
   (``gpu_image_packages.txt``), pinned in ``wheelhouse/requirements.txt``;
 - ``wheel-cache/sdist/llama_cpp_python-<version>.tar.gz``: llama-cpp-python's sdist trimmed
   to what the CMake build of the CPU and CUDA backends, mtmd, llama-bench and llama-server
-  reads, named as :mod:`server.native.wheels` expects (``GGUFSERVE_WHEEL_CACHE`` pointed at
+  reads, named as :mod:`ggufserve.native.wheels` expects (``GGUFSERVE_WHEEL_CACHE`` pointed at
   ``wheel-cache/`` builds from it);
 - ``gemma3-vocab.gguf``: the bundled Gemma 3 GGUF's ``tokenizer.*`` metadata and no
   tensors: the test builders' vocabulary source there (the 253 MB model cannot travel).
@@ -34,8 +34,8 @@ else:  # pragma: no cover
     import tomli as tomllib
 from packaging.utils import canonicalize_name, parse_wheel_filename
 
-from server.native import wheels
-from server.native.plan import LLAMA_CPP_PYTHON_VERSION
+from ggufserve.native import wheels
+from ggufserve.native.plan import LLAMA_CPP_PYTHON_VERSION
 from tests.conftest import REPO
 
 HERE = Path(__file__).resolve().parent

@@ -61,7 +61,7 @@ def checkpoint(name: str, vocab: Path) -> str:
 
 def convert_one(name: str, ckpt: str, out: str) -> dict[str, Any]:
     """Convert one checkpoint (and quantize the 1B); the manifest entry."""
-    from converters.convert import convert
+    from ggufserve.converters.convert import convert
 
     started = time.monotonic()
     quants = [SPEED_QUANT] if name == SPEED else []

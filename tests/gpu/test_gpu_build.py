@@ -35,7 +35,7 @@ def models_yaml(gpu_models: dict[str, dict[str, Any]], folder: Path) -> Path:
 def test_doctor_names_the_device_and_the_build(
     gpu_models: dict[str, dict[str, Any]], tmp_path: Path, figures: dict[str, Any]
 ) -> None:
-    command = [sys.executable, "-m", "server", "doctor", "--models"]
+    command = [sys.executable, "-m", "ggufserve", "doctor", "--models"]
     command += [str(models_yaml(gpu_models, tmp_path)), "--model", SPEED]
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
     lines = done.stdout.splitlines()

@@ -8,9 +8,9 @@ from starlette.requests import Request
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
-from server.app import create_app
-from server.registry import ModelRegistry
-from server.settings import ModelEntry, ServerSettings
+from ggufserve.api.app import create_app
+from ggufserve.models.registry import ModelRegistry
+from ggufserve.settings import ModelEntry, ServerSettings
 
 
 async def explode(request: Request) -> None:

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from server import __main__ as cli
-from server.native.smoke import REBUILD_HINT, SmokeResult, run_smoke
-from server.native.sysinfo import parse_system_info, system_info
-from server.native.wheels import installed_record, machine_plan
+from ggufserve.cli import main as cli
+from ggufserve.native.smoke import REBUILD_HINT, SmokeResult, run_smoke
+from ggufserve.native.sysinfo import parse_system_info, system_info
+from ggufserve.native.wheels import installed_record, machine_plan
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -71,7 +71,7 @@ def test_a_child_that_fails_says_how(tmp_path, bundled_gguf):
 
 def doctor(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "server", "doctor", *args],
+        [sys.executable, "-m", "ggufserve", "doctor", *args],
         capture_output=True, text=True, cwd=cwd, check=False, timeout=600,
     )  # fmt: skip
 
@@ -106,7 +106,7 @@ def test_doctor_reports_a_model_it_cannot_run(tmp_path):
 
 def test_serve_refuses_to_start_on_a_crashing_library(monkeypatch, capsys):
     failed = SmokeResult(False, "SIGILL", f"llama.cpp crashed (SIGILL); fix: {REBUILD_HINT}", 0.1)
-    monkeypatch.setattr("server.native.startup_check.check_library", lambda: failed)
+    monkeypatch.setattr("ggufserve.native.startup_check.check_library", lambda: failed)
     code = cli.main(["serve", "--models", str(REPO / "models.yaml"), "--port", "0"])
     assert code == cli.EXIT_BROKEN_BUILD
     assert capsys.readouterr().err.strip() == f"ggufserve: error: {failed.summary}"
@@ -120,7 +120,7 @@ def test_a_second_install_with_the_same_flags_does_not_rebuild():
     if plan.key != record["key"]:
         pytest.skip("this venv was installed with other flags than the default (AMX, CMAKE_ARGS)")
     done = subprocess.run(
-        [sys.executable, "-m", "server.native.build", "ensure"],
+        [sys.executable, "-m", "ggufserve.native.build", "ensure"],
         capture_output=True, text=True, cwd=REPO, check=True, timeout=120,
     )  # fmt: skip
     assert "this build is already installed" in done.stdout, done.stdout

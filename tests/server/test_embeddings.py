@@ -17,9 +17,9 @@ from llama_cpp import _internals
 from llama_cpp._logger import set_verbose
 from pydantic import ValidationError
 
-from server.embeddings import EmbeddingRequest, EmbeddingResponse, EmbeddingService
-from server.engine.embedding import PAD_TOKEN, ROW_TILE, EmbeddingEngine
-from server.errors import ContextLengthExceededError, InvalidRequestError
+from ggufserve.engine.embedding import PAD_TOKEN, ROW_TILE, EmbeddingEngine
+from ggufserve.errors import ContextLengthExceededError, InvalidRequestError
+from ggufserve.generation.embeddings import EmbeddingRequest, EmbeddingResponse, EmbeddingService
 
 N_CTX = 512
 N_BATCH = 128  # the longest input; keeps the logits buffer of the 262k vocabulary small

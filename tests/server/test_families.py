@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from server.families import (
+from ggufserve.families import (
     ContentDelta,
     Family,
     Gemma3,
@@ -23,10 +23,10 @@ from server.families import (
     parse_reply,
     prompt_opens_reasoning,
 )
-from server.families.gemma3 import GEMMA_TRIGGER_PATTERNS
-from server.families.qwen3_vl import QWEN_CALL_PREFIX, QWEN_CALL_SUFFIX, QWEN_TRIGGER_PATTERNS
-from server.families.reasoning import find_marker
-from server.templates import ChatTemplate, ChatTemplateError, shipped_template
+from ggufserve.families.gemma3 import GEMMA_TRIGGER_PATTERNS
+from ggufserve.families.qwen3_vl import QWEN_CALL_PREFIX, QWEN_CALL_SUFFIX, QWEN_TRIGGER_PATTERNS
+from ggufserve.families.reasoning import find_marker
+from ggufserve.generation.templates import ChatTemplate, ChatTemplateError, shipped_template
 
 DATA = Path(__file__).parent / "data" / "recorded_outputs"
 GEMMA = Gemma3()

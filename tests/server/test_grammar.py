@@ -1,4 +1,4 @@
-"""server.grammar against real llama.cpp: every grammar compiles with the bundled Gemma 3
+"""ggufserve.grammar against real llama.cpp: every grammar compiles with the bundled Gemma 3
 vocabulary, and accepts (or rejects) texts token by token as a sampler would."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import pytest
 from openai.lib._pydantic import to_strict_json_schema
 from pydantic import BaseModel, Field
 
-from server.grammar import (
+from ggufserve.grammar import (
     JSON_OBJECT_GBNF,
     CallSyntax,
     UnsupportedSchemaError,

@@ -1,4 +1,4 @@
-"""Grammar cost bounds: the limits of server.grammar.cost refuse what would stall the
+"""Grammar cost bounds: the limits of ggufserve.grammar.cost refuse what would stall the
 scheduler (with the construct and its path), every real-world schema stays accepted, no
 schema raises anything but UnsupportedSchemaError (fuzzed), and the sampler ends a
 sequence whose grammar dead-ends or runs too long (real llama.cpp, bundled Gemma 3)."""
@@ -21,18 +21,18 @@ from hypothesis import strategies as st
 from openai.lib._pydantic import to_strict_json_schema
 from pydantic import BaseModel
 
-from server.chat_reply import failure
-from server.engine.base import Failed, GenerationRequest, GrammarSpec, SamplingParams, TextDelta
-from server.engine.llama import LlamaEngine
-from server.engine.sampling import GrammarDeadEnd, GrammarTooExpensive, TokenSampler
-from server.errors import InvalidRequestError
-from server.grammar import (
+from ggufserve.engine.base import Failed, GenerationRequest, GrammarSpec, SamplingParams, TextDelta
+from ggufserve.engine.llama import LlamaEngine
+from ggufserve.engine.sampling import GrammarDeadEnd, GrammarTooExpensive, TokenSampler
+from ggufserve.errors import InvalidRequestError
+from ggufserve.generation.chat_reply import failure
+from ggufserve.grammar import (
     UnsupportedSchemaError,
     check_schema,
     json_schema_gbnf,
     tool_calls_gbnf,
 )
-from server.grammar.cost import DEFAULT_LIMITS
+from ggufserve.grammar.cost import DEFAULT_LIMITS
 from tests.server.test_grammar import QWEN
 
 # Well under the 10-20 s stalls these inputs caused; every pass is linear now.

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from server.images import ImageInputError, ImageLimits, LoadedImage, load_image
+from ggufserve.generation.images import ImageInputError, ImageLimits, LoadedImage, load_image
 
 LIMITS = ImageLimits(fetch_timeout_s=2.0, max_image_bytes=200_000, max_image_pixels=4_000_000)
 LEAKS = ("Traceback", "/tmp", "PIL", "cannot identify", "0x")

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from converters.gguf_meta import read_metadata
-from server.memory import (
+from ggufserve.api.wire import FOREVER, ChatCompletionRequest, keep_alive_seconds
+from ggufserve.converters.gguf_meta import read_metadata
+from ggufserve.models.memory import (
     MiB,
     Resident,
     estimate_bytes,
@@ -20,8 +21,7 @@ from server.memory import (
     parse_bytes,
     plan_eviction,
 )
-from server.protocol import FOREVER, ChatCompletionRequest, keep_alive_seconds
-from server.settings import ModelsFileError, ServerSettings, parse_models_file
+from ggufserve.settings import ModelsFileError, ServerSettings, parse_models_file
 
 
 @pytest.mark.parametrize(

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from server.model_files import resolve
-from server.settings import FileSource, ModelsFileError, load_models_file, parse_models_file
+from ggufserve.models.model_files import resolve
+from ggufserve.settings import FileSource, ModelsFileError, load_models_file, parse_models_file
 from tests.conftest import REPO, fake_hub_cache
 
 GOOD = {"id": "m", "gguf": {"path": "m.gguf"}}
@@ -104,8 +104,8 @@ def test_hf_source_resolves_from_offline_cache(tmp_path: Path) -> None:
     blob.write_bytes(b"GGUF-bytes")
     fake_hub_cache(cache, "org/model-GGUF", {"model-Q4_K_M.gguf": blob})
     code = (
-        "from pathlib import Path; from server.model_files import resolve; "
-        "from server.settings import FileSource; "
+        "from pathlib import Path; from ggufserve.models.model_files import resolve; "
+        "from ggufserve.settings import FileSource; "
         "source = FileSource(hf_repo='org/model-GGUF', hf_file='model-Q4_K_M.gguf'); "
         "print(resolve(source, Path('.')))"
     )
@@ -125,7 +125,11 @@ def test_hf_source_resolves_from_offline_cache(tmp_path: Path) -> None:
 
 def run_cli(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "server", *args], cwd=cwd, capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "ggufserve", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
 
 

@@ -1,4 +1,4 @@
-"""``python -m server.native.build verify``: a build whose smoke generation dies with
+"""``python -m ggufserve.native.build verify``: a build whose smoke generation dies with
 SIGILL while AMX is compiled in is remembered for this CPU and rebuilt without AMX.
 
 The child is a stand-in interpreter that really dies from SIGILL on its first smoke run;
@@ -11,8 +11,8 @@ import json
 import stat
 from pathlib import Path
 
-from server.native import build
-from server.native.wheels import RECORD_NAME, amx_crashed_before
+from ggufserve.native import build
+from ggufserve.native.wheels import RECORD_NAME, amx_crashed_before
 
 AMX_ISA = ["__AMX_INT8__", "__AMX_TILE__", "__AVX512F__"]
 

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from server.native import wheels
-from server.native.amx import ProbeResult, run_probe
-from server.native.plan import (
+from ggufserve.native import wheels
+from ggufserve.native.amx import ProbeResult, run_probe
+from ggufserve.native.plan import (
     BuildPlanError,
     amx_disable_flags,
     compiler_macros,
@@ -171,7 +171,7 @@ def test_a_probe_that_cannot_compile_is_a_failure(tmp_path):
 
 def test_plan_command_prints_this_machines_plan():
     done = subprocess.run(
-        [sys.executable, "-m", "server.native.build", "plan", "--amx", "off"],
+        [sys.executable, "-m", "ggufserve.native.build", "plan", "--amx", "off"],
         capture_output=True,
         text=True,
         check=True,

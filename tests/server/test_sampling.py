@@ -11,14 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from server.engine.base import (
+from ggufserve.engine.base import (
     Finished,
     GenerationRequest,
     GrammarSpec,
     SamplingParams,
     TextDelta,
 )
-from server.engine.llama import LlamaEngine
+from ggufserve.engine.llama import LlamaEngine
 
 PROMPT = (
     "<bos><start_of_turn>user\nWhat is the weather in Paris?<end_of_turn>\n<start_of_turn>model\n"

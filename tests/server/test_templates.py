@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from server.templates import ChatTemplate, ChatTemplateError, fallback_template
+from ggufserve.generation.templates import ChatTemplate, ChatTemplateError, fallback_template
 
 
 def gemma(**bounds: float) -> ChatTemplate:

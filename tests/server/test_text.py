@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from server.engine.text import StopScanner
+from ggufserve.engine.text import StopScanner
 
 
 def run(scanner: StopScanner, pieces: list[bytes]) -> tuple[str, bool]:

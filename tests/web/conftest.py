@@ -156,7 +156,7 @@ def tiny_vision_models(
     """The tiny Gemma 3 vision checkpoint converted by our converter (as
     tests/e2e/test_vision.py does): ``tiny-vision`` (text GGUF + mmproj) and
     ``tiny-text`` (the same text GGUF alone, a text-only model)."""
-    from converters.convert import convert
+    from ggufserve.converters.convert import convert
 
     result = convert(
         str(gemma3_mm_ckpt), out_dir=tmp_path_factory.mktemp("web-vision"), name=VISION

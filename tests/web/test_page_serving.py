@@ -10,8 +10,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from ggufserve.api.web_page import WEB_DIR
 from server.__main__ import _parser, _settings
-from server.webui import WEB_DIR
 from tests.conftest import RunningServer, model_entry
 
 pytestmark = pytest.mark.e2e

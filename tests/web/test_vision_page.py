@@ -28,7 +28,7 @@ if (reason := browser_missing()) is not None:
 from playwright.sync_api import Page, expect
 
 pytestmark = pytest.mark.e2e
-MAX_SIDE = 896  # server/web/images.js
+MAX_SIDE = 896  # server/api/web/images.js
 
 
 def png(color: tuple[int, int, int], size: tuple[int, int]) -> bytes:

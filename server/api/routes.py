@@ -1,0 +1,330 @@
+"""Thin HTTP endpoints: parse → service → JSON or SSE."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any, Protocol, TypeVar
+
+import anyio.to_thread
+from pydantic import BaseModel, ValidationError
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
+
+from ggufserve.api.metrics import metrics
+from ggufserve.api.openapi import openapi_document
+from ggufserve.api.wire import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from ggufserve.engine.worker import Generation
+from ggufserve.errors import InvalidRequestError, PayloadTooLargeError, UnsupportedMediaTypeError
+from ggufserve.generation.embeddings import EmbeddingRequest
+from ggufserve.models.registry import Lease, ModelRegistry, ModelState, ServedModel
+
+T = TypeVar("T")
+P = TypeVar("P")
+M = TypeVar("M", bound=BaseModel)
+
+JSON_TYPES = ("application/json", "text/json")
+# Slices of a body whose JSON values are counted between two GIL hand-overs: 1 MiB.
+COUNT_SLICE_BYTES = 1 << 20
+
+
+async def read_body(request: Request, max_bytes: int) -> bytes:
+    """The request body, refused while reading once it passes ``max_bytes``.
+
+    Raises:
+        UnsupportedMediaTypeError: a Content-Type that is not JSON.
+        PayloadTooLargeError: the body (declared or read) exceeds ``max_bytes``.
+    """
+    media_type = request.headers.get("content-type", "application/json").split(";")[0].strip()
+    if media_type.lower() not in JSON_TYPES and not media_type.lower().endswith("+json"):
+        raise UnsupportedMediaTypeError(
+            f"Content-Type '{media_type[:64]}' is not supported; send 'application/json'."
+        )
+    too_large = PayloadTooLargeError(f"The request body exceeds {max_bytes} bytes.")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > max_bytes:
+        raise too_large
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > max_bytes:
+            raise too_large
+    return bytes(body)
+
+
+async def parse_body(raw: bytes, model: type[M], max_json_values: int) -> M:
+    """Validate a JSON body in a worker thread, once its value count is known to be bounded
+    (pydantic holds the GIL while it parses: ~1 us per value, which would stall the loop).
+
+    Raises:
+        PayloadTooLargeError: more than ``max_json_values`` values (see :func:`check_values`).
+        InvalidRequestError: see :func:`parse_request`.
+    """
+
+    def parse() -> M:
+        check_values(raw, max_json_values)
+        return parse_request(raw, model)
+
+    return await anyio.to_thread.run_sync(parse)
+
+
+def check_values(raw: bytes, max_json_values: int) -> None:
+    """Bound the values of a JSON document from above by its commas, ``{`` and ``[``
+    (strings' count too, so prose costs a little of the budget), counted slice by slice.
+
+    Raises:
+        PayloadTooLargeError: the count exceeds ``max_json_values``.
+    """
+    count = 0
+    for start in range(0, len(raw), COUNT_SLICE_BYTES):
+        part = raw[start : start + COUNT_SLICE_BYTES]
+        count += part.count(b",") + part.count(b"{") + part.count(b"[")
+        if count > max_json_values:
+            raise PayloadTooLargeError(
+                f"The request body holds more than {max_json_values} JSON values."
+            )
+
+
+def parse_request(raw: bytes, model: type[M]) -> M:
+    """Validate the JSON body against a request model.
+
+    Raises:
+        InvalidRequestError: malformed JSON, or the first failing field with its path.
+    """
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError as exc:
+        error = exc.errors(include_url=False, include_input=False)[0]
+        if error["type"] == "json_invalid":
+            raise InvalidRequestError("The request body is not valid JSON.") from None
+        param = ".".join(str(part) for part in error["loc"]) or None
+        where = f"'{param}': " if param else ""
+        raise InvalidRequestError(f"Invalid request: {where}{error['msg']}.", param=param) from None
+
+
+async def _until_disconnect(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def run_unless_disconnected(request: Request, work: Awaitable[T]) -> T | None:
+    """Await ``work``; cancel it and return None if the client goes away first."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_until_disconnect(request.receive))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if not task.done():
+        task.cancel()
+        return None
+    return task.result()
+
+
+class GenerationService(Protocol[P]):
+    """What the chat and text completions services offer a route (``P``: their prepared
+    request)."""
+
+    async def prepare(self, body: Any, request_id: str) -> P: ...
+
+    def start(self, prepared: P) -> list[Generation]: ...
+
+    def stream(
+        self, prepared: P, generations: list[Generation], request_id: str
+    ) -> AsyncIterator[str]: ...
+
+    async def complete(
+        self, prepared: P, generations: list[Generation], request_id: str
+    ) -> BaseModel: ...
+
+
+async def generate(
+    request: Request,
+    service: GenerationService[Any],
+    model: type[ChatCompletionRequest] | type[CompletionRequest],
+) -> Response:
+    """Parse → lease the model (loading it if needed) → prepare → queue → JSON or SSE,
+    for chat and text completions. The lease ends with the response (for a stream, once
+    its last byte is sent or the client has gone)."""
+    request_id: str = request.state.request_id
+    settings = request.app.state.settings
+    raw = await read_body(request, settings.max_request_bytes)
+    body = await parse_body(raw, model, settings.max_json_values)
+    registry: ModelRegistry = request.app.state.registry
+    lease = await registry.acquire(body.model, body.keep_alive)
+    handed_off = False
+    try:
+        prepared = await service.prepare(body, request_id)
+        generations = service.start(prepared)
+        if body.stream:
+            stream = LeasedStream(service.stream(prepared, generations, request_id))
+            stream.hold(lease, generations)
+            handed_off = True
+            return stream
+        completion = await run_unless_disconnected(
+            request, service.complete(prepared, generations, request_id)
+        )
+    finally:
+        if not handed_off:
+            lease.release()
+    return json_or_gone(completion)
+
+
+async def chat_completions(request: Request) -> Response:
+    return await generate(request, request.app.state.chat, ChatCompletionRequest)
+
+
+async def completions(request: Request) -> Response:
+    return await generate(request, request.app.state.completions, CompletionRequest)
+
+
+async def embeddings(request: Request) -> Response:
+    state = request.app.state
+    raw = await read_body(request, state.settings.max_request_bytes)
+    body = await parse_body(raw, EmbeddingRequest, state.settings.max_json_values)
+    registry: ModelRegistry = state.registry
+    if not registry.lookup(body.model).entry.embeddings:
+        raise InvalidRequestError(
+            f"The model '{body.model}' does not serve embeddings (models.yaml: embeddings).",
+            param="model",
+        )
+    lease = await registry.acquire(body.model, body.keep_alive)
+    try:
+        served = lease.served
+        engine, embedder = served.engine, served.embedder
+        assert engine is not None and embedder is not None
+        response = await state.embeddings.create(
+            body,
+            engine=embedder,
+            tokenize=engine.tokenize,
+            add_bos=engine.info.add_bos,
+            bos_token_id=engine.info.bos_token_id,
+            n_vocab=engine.info.n_vocab,
+            model_id=served.id,
+            max_inputs=state.settings.max_embedding_inputs,
+            max_total_chars=state.settings.max_embedding_chars,
+        )
+    finally:
+        lease.release()
+    # Thousands of vectors take tens of milliseconds to serialise: off the loop.
+    content = await anyio.to_thread.run_sync(response.model_dump_json)
+    return Response(content, media_type="application/json")
+
+
+class LeasedStream(StreamingResponse):
+    """An SSE response that holds its model's lease until the response has ended (sent,
+    failed or abandoned by the client), then cancels its generations (a no-op for those
+    that finished) and releases the lease, even if the body was never iterated."""
+
+    def __init__(self, events: AsyncIterator[str]):
+        super().__init__(
+            events,
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+        self._lease: Lease | None = None
+        self._generations: list[Generation] = []
+
+    def hold(self, lease: Lease, generations: list[Generation]) -> None:
+        self._lease, self._generations = lease, generations
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            for generation in self._generations:
+                generation.cancel()
+            if self._lease is not None:
+                self._lease.release()
+
+
+def json_or_gone(body: BaseModel | None) -> Response:
+    """The response body as JSON, or 499 when the client went away first."""
+    if body is None:
+        return Response(status_code=499)
+    return JSONResponse(body.model_dump(mode="json"))
+
+
+async def list_models(request: Request) -> Response:
+    """Every servable model (``models.yaml``'s, then the store's) with its load state."""
+    registry: ModelRegistry = request.app.state.registry
+    models = registry.models()
+    with registry.lock:
+        cards = [model_card(m) for m in models]
+    return JSONResponse(ModelList(data=cards).model_dump(mode="json"))
+
+
+def model_card(served: ServedModel) -> ModelCard:
+    idle_s = served.idle_s()
+    return ModelCard(
+        id=served.id,
+        created=served.created,
+        capabilities=capabilities(served),
+        state=served.state.value,
+        memory_bytes=served.memory_bytes,
+        expires_at=served.expires_at(),
+        idle_s=None if idle_s is None else round(idle_s, 3),
+        in_flight=served.in_flight,
+        keep_alive_s=served.keep_alive_s,
+        load_progress=served.load_progress if served.state.value == "loading" else None,
+    )
+
+
+async def health(request: Request) -> Response:
+    """The start-up (``--model``) models: 503 ``loading`` until each one's first load has
+    ended, then 200 ``ok`` while one of them can serve (ready, or loadable again after
+    an unload) or when there are none, 503 ``error`` when all of them failed. Other
+    models affect it only when stalled: 503 ``stalled`` with a ``reason`` while any loaded
+    model's scheduler step has run longer than ``max_step_s`` (an orchestrator restarts)."""
+    registry: ModelRegistry = request.app.state.registry
+    startup = registry.startup_models()
+    states = {m.id: m.state.value for m in startup}
+    if not all(m.settled for m in startup):
+        return JSONResponse({"status": "loading", "models": states}, status_code=503)
+    stalled = stalled_reason(registry, request.app.state.settings.max_step_s)
+    if stalled is not None:
+        body = {"status": "stalled", "models": states, "reason": stalled}
+        return JSONResponse(body, status_code=503)
+    if not startup or any(m.state is not ModelState.FAILED for m in startup):
+        return JSONResponse({"status": "ok", "models": states})
+    return JSONResponse({"status": "error", "models": states}, status_code=503)
+
+
+def stalled_reason(registry: ModelRegistry, max_step_s: float) -> str | None:
+    """Why the server is stalled (a loaded model whose current scheduler step has run
+    longer than ``max_step_s`` seconds), or None."""
+    for served in registry.loaded():
+        engine = served.engine
+        age_s = engine.step_clock.age_s() if engine is not None else 0.0
+        if age_s > max_step_s:
+            return (
+                f"model '{served.id}': a scheduler step has run {age_s:.1f} s "
+                f"(limit {max_step_s:g} s)"
+            )
+    return None
+
+
+def capabilities(served: ServedModel) -> list[Any]:
+    """What a model offers, named as Ollama names it (tools only once loaded: the family
+    is known from the GGUF)."""
+    out: list[Any] = ["completion"]
+    if served.entry.mmproj:
+        out.append("vision")
+    if served.family is not None:
+        out.append("tools")
+    if served.entry.embeddings:
+        out.append("embedding")
+    return out
+
+
+routes = [
+    Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+    Route("/v1/completions", completions, methods=["POST"]),
+    Route("/v1/embeddings", embeddings, methods=["POST"]),
+    Route("/v1/models", list_models, methods=["GET"]),
+    Route("/health", health, methods=["GET"]),
+    Route("/metrics", metrics, methods=["GET"]),
+    Route("/openapi.json", openapi_document, methods=["GET"]),
+]

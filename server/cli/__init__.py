@@ -1,0 +1,1 @@
+"""The ``ggufserve`` command line: serve, run/chat, store commands, doctor."""

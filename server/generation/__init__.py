@@ -1,0 +1,2 @@
+"""Requests to engine jobs and back: chat, completions, embeddings, prompts, templates,
+constraints, images."""

@@ -1,0 +1,205 @@
+"""What a chat request lets the model output: tools it may call (and how calls are
+constrained) or a JSON schema its reply must follow, as a llama.cpp grammar.
+
+Tool calls are grammar-constrained from the point the model opens one (a lazy grammar
+triggered by the family's call opener) with ``tool_choice: auto``, and from the first
+token with ``required`` or a named function (after ``</think>`` for a model that is
+reasoning). ``response_format`` compiles its schema to GBNF.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from ggufserve.api.wire import ChatCompletionRequest, NamedToolChoice, ToolMessage
+from ggufserve.engine.base import GrammarSpec
+from ggufserve.errors import InvalidRequestError
+from ggufserve.families import gemma3, qwen3_vl
+from ggufserve.families.base import Family
+from ggufserve.grammar import (
+    JSON_OBJECT_GBNF,
+    CallSyntax,
+    UnsupportedSchemaError,
+    json_schema_gbnf,
+    tool_calls_gbnf,
+)
+
+THINK_END = "</think>"
+# Calls in one reply when parallel calls are allowed (bounds a model that repeats its call).
+MAX_PARALLEL_CALLS = 8
+
+
+@dataclass(frozen=True)
+class FamilyCalls:
+    """How one family's calls look to the grammar: syntax and lazy-trigger regexes."""
+
+    syntax: CallSyntax
+    trigger_patterns: tuple[str, ...]
+    opener: str  # the text that opens a call; its token, if single, also triggers
+
+
+FAMILY_CALLS = {
+    "gemma3": FamilyCalls(
+        CallSyntax(
+            arguments_key=gemma3.GEMMA_ARGUMENTS_KEY,
+            call_prefix="",
+            call_suffix="",
+            separator=", ",
+            json_list=True,
+            closing="\n```",
+        ),
+        tuple(gemma3.GEMMA_TRIGGER_PATTERNS),
+        opener="",
+    ),
+    "qwen3_vl": FamilyCalls(
+        CallSyntax(
+            arguments_key=qwen3_vl.QWEN_ARGUMENTS_KEY,
+            call_prefix=qwen3_vl.QWEN_CALL_PREFIX,
+            call_suffix=qwen3_vl.QWEN_CALL_SUFFIX,
+            separator="\n",
+            json_list=False,
+        ),
+        tuple(qwen3_vl.QWEN_TRIGGER_PATTERNS),
+        opener="<tool_call>",
+    ),
+}
+
+
+@dataclass(frozen=True)
+class ToolSelection:
+    """The tools of a request after ``tool_choice``.
+
+    Attributes:
+        shown: Tool dicts rendered into the prompt (None: no tools section).
+        callable: Tool dicts the model may call now (a named choice leaves one).
+        forced: The model must call (``required`` or a named function).
+        parallel: Several calls allowed in one reply.
+        uses_tool_turns: The history holds tool calls or results (render with the
+            tool-aware template even if no tools are offered now).
+    """
+
+    shown: list[dict[str, Any]] | None
+    callable: list[dict[str, Any]]
+    forced: bool
+    parallel: bool
+    uses_tool_turns: bool
+
+    @property
+    def max_calls(self) -> int:
+        return MAX_PARALLEL_CALLS if self.parallel else 1
+
+    @property
+    def names(self) -> set[str]:
+        return {tool["function"]["name"] for tool in self.callable}
+
+
+def select_tools(body: ChatCompletionRequest, family: Family | None) -> ToolSelection:
+    """Validate ``tools`` / ``tool_choice`` / ``parallel_tool_calls`` and pick the tools.
+
+    Raises:
+        InvalidRequestError: tools for a model family without tool support, a forced
+            choice without tools, a named function that is not in ``tools``, duplicate
+            tool names, or tools together with a JSON ``response_format``.
+    """
+    tools = [tool.model_dump(exclude_none=True) for tool in body.tools or []]
+    choice = body.tool_choice
+    uses_turns = any(
+        isinstance(m, ToolMessage) or getattr(m, "tool_calls", None) for m in body.messages
+    )
+    if tools and family is None:
+        raise InvalidRequestError("This model's family has no tool-call format.", param="tools")
+    names = [tool["function"]["name"] for tool in tools]
+    if len(set(names)) != len(names):
+        raise InvalidRequestError("Tool names must be unique.", param="tools")
+    forced = choice == "required" or isinstance(choice, NamedToolChoice)
+    if forced and not tools:
+        raise InvalidRequestError(
+            "tool_choice requires a tool but 'tools' is empty.", param="tool_choice"
+        )
+    response_format = body.response_format
+    if tools and choice != "none" and response_format and response_format.type != "text":
+        raise InvalidRequestError(
+            "response_format cannot be combined with tools; send tool_choice 'none' or "
+            "drop one of them.",
+            param="response_format",
+        )
+    callable_tools = tools if choice != "none" else []
+    if isinstance(choice, NamedToolChoice):
+        callable_tools = [t for t in tools if t["function"]["name"] == choice.function.name]
+        if not callable_tools:
+            raise InvalidRequestError(
+                f"tool_choice names '{choice.function.name}', which is not in 'tools'.",
+                param="tool_choice",
+            )
+    return ToolSelection(
+        shown=tools if tools and choice != "none" else None,
+        callable=callable_tools,
+        forced=forced,
+        parallel=body.parallel_tool_calls is not False,
+        uses_tool_turns=uses_turns,
+    )
+
+
+def reply_grammar(
+    body: ChatCompletionRequest,
+    selection: ToolSelection,
+    family: Family | None,
+    *,
+    reasoning_open: bool,
+    opener_tokens: list[int],
+) -> GrammarSpec | None:
+    """The grammar for this reply, or None when output is free.
+
+    Args:
+        reasoning_open: The prompt ends inside ``<think>``: a forced call may only start
+            after ``</think>``.
+        opener_tokens: The family's call opener tokenized (used as a trigger token when it
+            is a single token).
+
+    Raises:
+        InvalidRequestError: a schema keyword the grammar cannot enforce (named), or a
+            ``json_schema`` format without a schema.
+    """
+    if selection.callable and family is not None:
+        calls = FAMILY_CALLS[family.name]
+        try:
+            if selection.forced:
+                lead = THINK_END if reasoning_open else ""
+                gbnf = tool_calls_gbnf(
+                    selection.callable, calls.syntax, max_calls=selection.max_calls, lead=lead
+                )
+                if not lead:
+                    return GrammarSpec(gbnf)
+                return GrammarSpec(gbnf, trigger_patterns=(f"({re.escape(THINK_END)})",))
+            gbnf = tool_calls_gbnf(selection.callable, calls.syntax, max_calls=selection.max_calls)
+        except UnsupportedSchemaError as exc:
+            raise InvalidRequestError(str(exc), param="tools") from None
+        tokens = tuple(opener_tokens) if len(opener_tokens) == 1 else ()
+        return GrammarSpec(gbnf, trigger_patterns=calls.trigger_patterns, trigger_tokens=tokens)
+    spec = _format_grammar(body)
+    if spec is None or not reasoning_open:
+        return spec
+    # A reasoning model thinks first: the JSON starts after </think> (lazy trigger).
+    gbnf = re.sub(r"^root ::=", "json-reply ::=", spec.gbnf, count=1, flags=re.MULTILINE)
+    gbnf = f'root ::= "{THINK_END}" [ \\t\\n]* json-reply\n{gbnf}'
+    return GrammarSpec(gbnf, trigger_patterns=(f"({re.escape(THINK_END)})",))
+
+
+def _format_grammar(body: ChatCompletionRequest) -> GrammarSpec | None:
+    response_format = body.response_format
+    if response_format is None or response_format.type == "text":
+        return None
+    if response_format.type == "json_object":
+        return GrammarSpec(JSON_OBJECT_GBNF)
+    spec = response_format.json_schema
+    if spec is None or spec.schema_ is None:
+        raise InvalidRequestError(
+            "response_format 'json_schema' needs json_schema.schema.",
+            param="response_format.json_schema",
+        )
+    try:
+        return GrammarSpec(json_schema_gbnf(spec.schema_))
+    except UnsupportedSchemaError as exc:
+        raise InvalidRequestError(str(exc), param="response_format.json_schema.schema") from None

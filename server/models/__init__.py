@@ -1,0 +1,1 @@
+"""The served models: registry, loader thread, memory budget, model files, catalog hook."""

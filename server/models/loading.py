@@ -1,0 +1,136 @@
+"""Build and free one model's runtime parts: its llama.cpp engine, chat templates, tool
+family and embedding context (blocking work: the registry runs it on its loader thread)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from ggufserve.engine.base import ModelLoadError
+from ggufserve.engine.embedding import EmbeddingEngine
+from ggufserve.engine.llama import LlamaEngine
+from ggufserve.families import family_for
+from ggufserve.families.base import Family
+from ggufserve.generation.templates import (
+    ChatTemplate,
+    ChatTemplateError,
+    fallback_template,
+    shipped_template,
+)
+from ggufserve.models.model_files import resolve
+from ggufserve.settings import ModelEntry, ModelsFileError, ServerSettings
+
+
+@dataclass
+class LoadedParts:
+    """What a loaded model holds. ``tool_template`` renders requests with tools or tool
+    turns (the family's shipped tool-aware template where the model's own has no tools,
+    e.g. Gemma 3); ``family`` parses tool calls and reasoning (None: an architecture
+    without tool support); ``embedder`` serves ``/v1/embeddings`` when the entry asks."""
+
+    engine: LlamaEngine
+    template: ChatTemplate
+    tool_template: ChatTemplate
+    family: Family | None
+    embedder: EmbeddingEngine | None
+
+    def close(self) -> None:
+        """Free the embedding context, then the engine (which drains its requests)."""
+        if self.embedder is not None:
+            self.embedder.close()
+        self.engine.close()
+
+
+def model_paths(entry: ModelEntry, base_dir: Path) -> tuple[Path, Path | None]:
+    """The local GGUF and mmproj paths (downloading or assembling them if needed).
+
+    Raises:
+        ModelsFileError: see :func:`ggufserve.models.model_files.resolve`.
+    """
+    gguf = resolve(entry.gguf, base_dir)
+    mmproj = resolve(entry.mmproj, base_dir) if entry.mmproj else None
+    return gguf, mmproj
+
+
+def load_parts(
+    entry: ModelEntry,
+    base_dir: Path,
+    paths: tuple[Path, Path | None],
+    settings: ServerSettings,
+    load_progress: Callable[[float], None] | None = None,
+) -> LoadedParts:
+    """Load the model and compile its templates (blocking; seconds to minutes);
+    ``load_progress`` gets llama.cpp's loaded fraction (0..1) of the weights.
+
+    Raises:
+        ModelLoadError: llama.cpp could not load the file or create a context.
+        ModelsFileError: ``chat_template_file`` is unreadable.
+        ChatTemplateError: no usable chat template, or one that does not compile.
+    """
+    path, mmproj = paths
+    engine = LlamaEngine(
+        path,
+        n_ctx=entry.n_ctx,
+        n_parallel=entry.n_parallel,
+        swa_full=entry.swa_full,
+        n_gpu_layers=entry.n_gpu_layers,
+        n_threads=entry.n_threads,
+        n_batch=entry.n_batch,
+        max_queued=settings.max_queued_requests,
+        mmproj_path=mmproj,
+        image_cache_bytes=settings.image_cache_bytes,
+        load_progress=load_progress,
+    )
+    try:
+        template = _template(entry, base_dir, engine, settings)
+        family = family_for(engine.info.architecture)
+        tool_source = family.tool_template if family else None
+        tool_template = (
+            _compile(shipped_template(tool_source), engine, settings) if tool_source else template
+        )
+        embedder = None
+        if entry.embeddings:
+            embedder = EmbeddingEngine(
+                engine.model,
+                n_ctx=entry.n_ctx,
+                n_threads=entry.n_threads,
+                n_batch=min(entry.n_batch, entry.n_ctx),
+            )
+    except (ModelsFileError, ChatTemplateError, ModelLoadError):
+        engine.close()
+        raise
+    return LoadedParts(engine, template, tool_template, family, embedder)
+
+
+def _template(
+    entry: ModelEntry, base_dir: Path, engine: LlamaEngine, settings: ServerSettings
+) -> ChatTemplate:
+    """Template precedence: models.yaml override, then the GGUF's, then the fallback."""
+    info = engine.info
+    source = entry.chat_template
+    if entry.chat_template_file is not None:
+        path = Path(entry.chat_template_file).expanduser()
+        path = path if path.is_absolute() else base_dir / path
+        try:
+            source = path.read_text(encoding="utf-8")
+        except OSError:
+            raise ModelsFileError(f"chat_template_file not readable: {path}") from None
+    source = source or info.chat_template or fallback_template(info.architecture)
+    if source is None:
+        raise ChatTemplateError(
+            f"no chat template in the GGUF and none built in for '{info.architecture}'; "
+            "set chat_template in models.yaml"
+        )
+    return _compile(source, engine, settings)
+
+
+def _compile(source: str, engine: LlamaEngine, settings: ServerSettings) -> ChatTemplate:
+    info = engine.info
+    return ChatTemplate(
+        source,
+        bos_token=info.bos_token,
+        eos_token=info.eos_token,
+        timeout_s=settings.template_timeout_s,
+        max_output_chars=settings.max_prompt_chars,
+    )
