@@ -224,7 +224,7 @@ class ServerSettings(BaseSettings):
     image_cache_bytes: Annotated[int, Field(ge=0)] = 256 * MiB
     # Test-only: non-public networks image URLs may point to (e.g. ["127.0.0.0/8"]).
     allowed_private_networks: list[str] = []
-    # Loading on demand (README, "Loading, keep_alive and the memory budget").
+    # Loading on demand (docs/models-yaml.md).
     # Idle time before an on-demand model unloads (seconds; "5m"; -1 = never): 5 min.
     keep_alive: Annotated[float, BeforeValidator(keep_alive_seconds)] = 300.0
     # Budget of the loaded models' estimated memory (bytes or "8GiB"); None = unbounded.
@@ -236,7 +236,7 @@ class ServerSettings(BaseSettings):
     # JSON values (counted as commas, '{' and '[') in a request body: parsing holds the
     # GIL for ~1 us per value, so 50k keeps the event loop free within ~50 ms.
     max_json_values: Annotated[int, Field(ge=1000)] = 50_000
-    # HTTP (README, "Security"): request header block, in bytes, and header count.
+    # HTTP (docs/security.md): request header block, in bytes, and header count.
     max_header_bytes: Annotated[int, Field(ge=1024)] = 32 * 1024  # 32 KiB
     max_header_count: Annotated[int, Field(ge=16)] = 100
     # A request's headers must arrive within this of its first byte (or of the connection).

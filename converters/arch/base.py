@@ -1,4 +1,4 @@
-"""Converter hooks shared by every architecture (DESIGN.md §4).
+"""Converter hooks shared by every architecture (docs/ARCHITECTURE.md, "Conventions").
 
 A converter claims the checkpoint tensors it understands, plans each one's GGUF name,
 shape and fix-up (``plan_tensors``), and writes its hparams (``set_gguf_parameters``).

@@ -105,7 +105,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _add_limit_flags(serve: argparse.ArgumentParser) -> None:
-    """HTTP hardening and liveness (README, "Security": what each bounds and why)."""
+    """HTTP hardening and liveness (docs/security.md: what each bounds and why)."""
     limits = serve.add_argument_group("limits")
     flags: tuple[tuple[str, str, type, str], ...] = (
         ("--max-header-bytes", "max_header_bytes", int, "bytes of a request's headers (32768)"),

@@ -53,7 +53,7 @@ class LlamaEngine:
         n_batch: Logical and physical batch size, in tokens (at least one image's tokens:
             Gemma 3 image rows are non-causal and must sit in one ubatch).
         swa_full: Keep the whole context in sliding-window layers (Gemma 3), so a cached
-            prefix can always be reused; costs KV memory (README, "Concurrency").
+            prefix can always be reused; costs KV memory (docs/engine-and-performance.md).
         max_queued: Requests allowed to wait for a free sequence.
         mmproj_path: The vision projector GGUF, or None for a text-only model.
         image_cache_bytes: Bound of the LRU of encoded images, in bytes (0 disables it).

@@ -9,7 +9,7 @@ value alive until their spellings differ, ``anyOf`` keeps every branch, an objec
 each optional property that may come next, and a pattern whose repetition nests over a
 variable-length body keeps every (outer copy, inner position) pair (see
 :func:`ggufserve.grammar.pattern.json_safe_pattern`). The limits come from
-``python -m tests.bench.grammar_cost`` (the README's security section has its table).
+``python -m tests.bench.grammar_cost`` (docs/security.md has its table).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 // The chat page's controller: conversations, the model picker, sending and streaming
-// replies, attachments, the API key and error banners. See README "Web chat".
+// replies, attachments, the API key and error banners. See docs/api.md, "The web chat page".
 
 import { ApiError, forgetKey, getKey, listModels, setKey, streamChat } from "./api.js";
 import { readReply, requestMessages } from "./chat.js";
