@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from ggufserve.api.web_page import WEB_DIR
-from server.__main__ import _parser, _settings
+from ggufserve.cli.main import _parser, _settings
 from tests.conftest import RunningServer, model_entry
 
 pytestmark = pytest.mark.e2e
