@@ -3,6 +3,7 @@ server/ and converters/, and nothing generic (``server``, ``converters``) is imp
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import subprocess
 import sys
@@ -49,3 +50,18 @@ def test_python_m_ggufserve_is_the_command(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("usage: ggufserve")
+
+
+def test_tests_import_the_package_not_the_folders() -> None:
+    # pytest puts the repository root on sys.path, where server/ would import as a second
+    # copy of the package under another name.
+    wrong = []
+    for path in (REPO / "tests").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module or ""]
+            wrong += [f"{path}: {n}" for n in names if n.split(".")[0] in ROOTS]
+    assert wrong == []
