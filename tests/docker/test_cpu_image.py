@@ -1,95 +1,116 @@
-"""The CPU image builds and works: ``convert --help``, ``doctor`` and one chat completion
-inside it. Skipped, saying so, where no Docker daemon answers (the build needs one)."""
+"""The CPU image works: /health, a chat completion on the bundled model, an image chat on
+the tiny vision model mounted in, ``doctor`` and ``convert --help`` inside, a non-root
+user with the store in a volume, no AMX variant shipped, and SIGTERM draining a stream.
+Runs only with ``GGUFSERVE_IMAGE_TESTS=1`` (``make image-test``): see conftest.py."""
 
 from __future__ import annotations
 
-import subprocess
-from collections.abc import Iterator
-from pathlib import Path
+import base64
+import io
+import uuid
 
 import httpx
 import pytest
+from PIL import Image
 
-from tests.conftest import free_port, wait_for_status
-
-REPO = Path(__file__).resolve().parents[2]
-IMAGE = "ggufserve:test-cpu"
-BUILD_TIMEOUT_S = 3600
-
-
-def _daemon_problem() -> str | None:
-    try:
-        done = subprocess.run(
-            ["docker", "info", "--format", "{{.ServerVersion}}"],
-            capture_output=True, text=True, timeout=30, check=False,
-        )  # fmt: skip
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return f"docker client unusable: {exc.__class__.__name__}"
-    if done.returncode != 0:
-        return (done.stderr.strip().splitlines() or ["docker info failed"])[-1]
-    return None
-
+from tests.conftest import NO_EOG
+from tests.docker.conftest import IMAGE, Container, Engine, remove, start_container
 
 pytestmark = [pytest.mark.docker]
 
 
-@pytest.fixture(scope="module")
-def image() -> str:
-    problem = _daemon_problem()
-    if problem is not None:
-        pytest.skip(f"no Docker daemon reachable, CPU image not built: {problem}")
-    subprocess.run(
-        ["docker", "build", "-f", "docker/Dockerfile.cpu", "-t", IMAGE, "."],
-        cwd=REPO, check=True, timeout=BUILD_TIMEOUT_S,
-    )  # fmt: skip
-    return IMAGE
-
-
-def run_in(image: str, *command: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        ["docker", "run", "--rm", image, *command],
-        capture_output=True, text=True, timeout=600, check=False,
-    )  # fmt: skip
-
-
-def test_convert_help_runs_in_the_image(image):
-    done = run_in(image, "ggufserve", "convert", "--help")
-    assert done.returncode == 0, done.stderr
-    assert "--quant" in done.stdout
-
-
-def test_doctor_passes_and_no_amx_variant_is_shipped(image):
-    done = run_in(image, "ggufserve", "doctor", "--models", "/app/models.yaml")
+def in_image(engine: Engine, *command: str, volume: str | None = None) -> str:
+    """stdout of ``command`` in a fresh container; fails the test on a non-zero exit."""
+    mounts = ["-v", f"{volume}:/data"] if volume else []
+    done = engine.run("run", "--rm", *mounts, IMAGE, *command)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert ": ok: generated 8 tokens" in done.stdout
-    listing = run_in(image, "ls", "/opt/ggml-backends").stdout.split()
-    assert "libggml-cpu-haswell.so" in listing
-    assert "libggml-cpu-sapphirerapids.so" not in listing
+    return done.stdout
 
 
-@pytest.fixture(scope="module")
-def container(image: str) -> Iterator[str]:
-    port = free_port()
-    started = subprocess.run(
-        ["docker", "run", "-d", "--rm", "-p", f"127.0.0.1:{port}:8080", image],
-        capture_output=True, text=True, check=True, timeout=120,
-    )  # fmt: skip
-    container_id = started.stdout.strip()
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_for_status(f"{base}/health", (200,), 180)
-        yield base
-    finally:
-        subprocess.run(["docker", "stop", container_id], capture_output=True, check=False)
-
-
-def test_chat_completion_in_the_image(container):
+def test_health_and_chat_completion(container: Container) -> None:
+    assert httpx.get(f"{container.base_url}/health", timeout=10).status_code == 200
     reply = httpx.post(
-        f"{container}/v1/chat/completions",
-        json={"model": "default", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8},
+        f"{container.base_url}/v1/chat/completions",
+        json={"model": "gemma-3-270m", "messages": [{"role": "user", "content": "Hi"}],
+              "max_tokens": 8},
         timeout=120,
-    )
+    )  # fmt: skip
     assert reply.status_code == 200, reply.text
     body = reply.json()
     assert body["usage"]["completion_tokens"] > 0
     assert body["choices"][0]["message"]["content"]
+
+
+def png(color: tuple[int, int, int]) -> str:
+    buffer = io.BytesIO()
+    Image.new("RGB", (112, 112), color).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def test_image_chat_on_the_mounted_vision_model(container: Container) -> None:
+    def ask(content: object) -> dict:
+        reply = httpx.post(
+            f"{container.base_url}/v1/chat/completions",
+            json={"model": "tiny-vision", "messages": [{"role": "user", "content": content}],
+                  "max_tokens": 4, "temperature": 0},
+            timeout=180,
+        )  # fmt: skip
+        assert reply.status_code == 200, reply.text
+        return reply.json()
+
+    text = "What is in the picture?"
+    alone = ask(text)["usage"]["prompt_tokens"]
+    with_image = ask([{"type": "image_url", "image_url": {"url": png((255, 0, 0))}},
+                      {"type": "text", "text": text}])  # fmt: skip
+    # The tiny tower's 16 image tokens plus the start/end-of-image markers and a newline.
+    assert with_image["usage"]["prompt_tokens"] - alone == 16 + 3
+    assert with_image["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_doctor_passes_and_no_amx_variant_is_shipped(engine: Engine) -> None:
+    report = in_image(engine, "ggufserve", "doctor", "--models", "/app/models.yaml")
+    assert ": ok: generated 8 tokens" in report
+    listing = in_image(engine, "ls", "/opt/ggml-backends").split()
+    assert "libggml-cpu-haswell.so" in listing
+    assert "libggml-cpu-sapphirerapids.so" not in listing
+
+
+def test_convert_help_runs_in_the_image(engine: Engine) -> None:
+    assert "--quant" in in_image(engine, "ggufserve", "convert", "--help")
+
+
+def test_runs_as_non_root_with_the_store_in_a_volume(engine: Engine) -> None:
+    volume = f"ggufserve-test-store-{uuid.uuid4().hex[:8]}"
+    try:
+        out = in_image(
+            engine, "sh", "-c", 'id -u; echo "$GGUFSERVE_HOME"; touch /data/probe && ls /data',
+            volume=volume,
+        )  # fmt: skip
+        assert out.split() == ["10001", "/data", "probe"]
+        assert "probe" in in_image(engine, "ls", "/data", volume=volume)  # it persists
+    finally:
+        engine.run("volume", "rm", "-f", volume, timeout=60)
+
+
+def test_sigterm_drains_a_running_stream(engine: Engine) -> None:
+    running = start_container(engine)
+    try:
+        body = {
+            "model": "gemma-3-270m", "stream": True, "max_tokens": 60, "logit_bias": NO_EOG,
+            "messages": [{"role": "user", "content": "Write a long story about a lighthouse."}],
+        }  # fmt: skip
+        with (
+            httpx.Client(base_url=running.base_url, timeout=120) as client,
+            client.stream("POST", "/v1/chat/completions", json=body) as response,
+        ):
+            lines = response.iter_lines()
+            next(lines)
+            killed = engine.run("kill", "--signal", "TERM", running.id, timeout=30)
+            assert killed.returncode == 0, killed.stderr
+            chunks = [line for line in lines if line.startswith("data: ")]
+        assert chunks[-1] == "data: [DONE]"
+        assert '"finish_reason":"length"' in chunks[-2]
+        exited = engine.run("wait", running.id, timeout=90)
+        assert exited.stdout.strip() == "0", running.logs()
+    finally:
+        remove(running)
