@@ -169,8 +169,10 @@ def create_app(settings: ServerSettings, registry: ModelRegistry) -> Starlette:
     )
     app.state.settings = settings
     app.state.registry = registry
-    app.state.chat = ChatService(registry, settings)
-    app.state.completions = CompletionService(registry, settings)
-    app.state.embeddings = EmbeddingService()
+    app.state.chat = ChatService(settings)
+    app.state.completions = CompletionService(settings)
+    app.state.embeddings = EmbeddingService(
+        settings.max_embedding_inputs, settings.max_embedding_chars
+    )
     app.state.metrics = metrics_registry(registry)
     return app

@@ -79,7 +79,8 @@ class EngineCollector(Collector):
         self._models = models
 
     def collect(self) -> Iterator[Metric]:
-        engines = [(m.id, m.engine) for m in self._models.loaded() if m.engine is not None]
+        loaded = [(m.id, m.parts) for m in self._models.loaded()]
+        engines = [(model_id, parts.engine) for model_id, parts in loaded if parts is not None]
 
         def per_model(family: Any, value: Callable[[LlamaEngine], tuple[Any, ...]]) -> Metric:
             for model_id, engine in engines:

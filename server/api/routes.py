@@ -19,9 +19,11 @@ from ggufserve.api.wire import ChatCompletionRequest, CompletionRequest, ModelCa
 from ggufserve.engine.worker import Generation
 from ggufserve.errors import InvalidRequestError, PayloadTooLargeError, UnsupportedMediaTypeError
 from ggufserve.generation.embeddings import EmbeddingRequest
+from ggufserve.generation.streaming import SSE_HEADERS, SSE_MEDIA_TYPE
 from ggufserve.models.registry import Lease, ModelRegistry, ModelState, ServedModel
 
 T = TypeVar("T")
+C = TypeVar("C")
 P = TypeVar("P")
 M = TypeVar("M", bound=BaseModel)
 
@@ -123,11 +125,13 @@ async def run_unless_disconnected(request: Request, work: Awaitable[T]) -> T | N
     return task.result()
 
 
-class GenerationService(Protocol[P]):
-    """What the chat and text completions services offer a route (``P``: their prepared
-    request)."""
+class GenerationService(Protocol[C, P]):
+    """What the chat and text completions services offer a route (``C``: a request that
+    passed the model-free checks, ``P``: a prepared request)."""
 
-    async def prepare(self, body: Any, request_id: str) -> P: ...
+    def check(self, body: Any) -> C: ...
+
+    async def prepare(self, checked: C, lease: Lease, request_id: str) -> P: ...
 
     def start(self, prepared: P) -> list[Generation]: ...
 
@@ -142,21 +146,24 @@ class GenerationService(Protocol[P]):
 
 async def generate(
     request: Request,
-    service: GenerationService[Any],
+    service: GenerationService[Any, Any],
     model: type[ChatCompletionRequest] | type[CompletionRequest],
 ) -> Response:
-    """Parse → lease the model (loading it if needed) → prepare → queue → JSON or SSE,
-    for chat and text completions. The lease ends with the response (for a stream, once
-    its last byte is sent or the client has gone)."""
+    """Parse → model-free checks → lease the model (loading it if needed) → prepare →
+    queue → JSON or SSE, for chat and text completions. A request the checks refuse never
+    waits for a load. The lease ends with the response (for a stream, once its last byte
+    is sent or the client has gone)."""
     request_id: str = request.state.request_id
     settings = request.app.state.settings
     raw = await read_body(request, settings.max_request_bytes)
     body = await parse_body(raw, model, settings.max_json_values)
     registry: ModelRegistry = request.app.state.registry
+    registry.lookup(body.model)  # an unknown id is a 404 before any other error
+    checked = await anyio.to_thread.run_sync(service.check, body)
     lease = await registry.acquire(body.model, body.keep_alive)
     handed_off = False
     try:
-        prepared = await service.prepare(body, request_id)
+        prepared = await service.prepare(checked, lease, request_id)
         generations = service.start(prepared)
         if body.stream:
             stream = LeasedStream(service.stream(prepared, generations, request_id))
@@ -186,31 +193,35 @@ async def embeddings(request: Request) -> Response:
     body = await parse_body(raw, EmbeddingRequest, state.settings.max_json_values)
     registry: ModelRegistry = state.registry
     if not registry.lookup(body.model).entry.embeddings:
-        raise InvalidRequestError(
-            f"The model '{body.model}' does not serve embeddings (models.yaml: embeddings).",
-            param="model",
-        )
+        raise no_embeddings(body.model)
+    items = state.embeddings.check(body)
     lease = await registry.acquire(body.model, body.keep_alive)
     try:
-        served = lease.served
-        engine, embedder = served.engine, served.embedder
-        assert engine is not None and embedder is not None
+        engine, embedder = lease.parts.engine, lease.parts.embedder
+        if embedder is None:  # the entry asks for embeddings: never, but mypy cannot tell
+            raise no_embeddings(body.model)
         response = await state.embeddings.create(
             body,
+            items,
             engine=embedder,
             tokenize=engine.tokenize,
             add_bos=engine.info.add_bos,
             bos_token_id=engine.info.bos_token_id,
             n_vocab=engine.info.n_vocab,
-            model_id=served.id,
-            max_inputs=state.settings.max_embedding_inputs,
-            max_total_chars=state.settings.max_embedding_chars,
+            model_id=lease.served.id,
         )
     finally:
         lease.release()
     # Thousands of vectors take tens of milliseconds to serialise: off the loop.
     content = await anyio.to_thread.run_sync(response.model_dump_json)
     return Response(content, media_type="application/json")
+
+
+def no_embeddings(model_id: str) -> InvalidRequestError:
+    return InvalidRequestError(
+        f"The model '{model_id}' does not serve embeddings (models.yaml: embeddings).",
+        param="model",
+    )
 
 
 class LeasedStream(StreamingResponse):
@@ -221,8 +232,8 @@ class LeasedStream(StreamingResponse):
     def __init__(self, events: AsyncIterator[str]):
         super().__init__(
             events,
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            media_type=SSE_MEDIA_TYPE,
+            headers=SSE_HEADERS,
         )
         self._lease: Lease | None = None
         self._generations: list[Generation] = []
@@ -296,8 +307,8 @@ def stalled_reason(registry: ModelRegistry, max_step_s: float) -> str | None:
     """Why the server is stalled (a loaded model whose current scheduler step has run
     longer than ``max_step_s`` seconds), or None."""
     for served in registry.loaded():
-        engine = served.engine
-        age_s = engine.step_clock.age_s() if engine is not None else 0.0
+        parts = served.parts
+        age_s = parts.engine.step_clock.age_s() if parts is not None else 0.0
         if age_s > max_step_s:
             return (
                 f"model '{served.id}': a scheduler step has run {age_s:.1f} s "
@@ -312,7 +323,7 @@ def capabilities(served: ServedModel) -> list[Any]:
     out: list[Any] = ["completion"]
     if served.entry.mmproj:
         out.append("vision")
-    if served.family is not None:
+    if served.serves_tools:
         out.append("tools")
     if served.entry.embeddings:
         out.append("embedding")

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, cast
 
 import numpy as np
 from pydantic import (
@@ -117,7 +117,10 @@ KeepAlive = Annotated[
 ]
 
 
-class _Strict(BaseModel):
+class StrictModel(BaseModel):
+    """Base of every request model: strict types (``"5"`` is not an integer), unknown
+    fields ignored, and the GIL handed over once per object while validating."""
+
     model_config = ConfigDict(strict=True, extra="ignore")
 
     @model_validator(mode="before")
@@ -128,20 +131,36 @@ class _Strict(BaseModel):
         return data
 
 
+# One text, a list of texts, one list of token ids, or a list of them: a completion's
+# ``prompt``, an embedding request's ``input``.
+PromptInput = str | list[str] | list[int] | list[list[int]]
+
+
+def input_items(value: PromptInput) -> list[str | list[int]]:
+    """A ``prompt`` / ``input`` field as one item (a text or a token-id list) per prompt:
+    ``"a"`` → ``["a"]``, ``[1, 2]`` → ``[[1, 2]]``, ``["a", "b"]`` and ``[[1], [2]]`` as
+    they are (a new list; ``[]`` → ``[]``)."""
+    if isinstance(value, str):
+        return [value]
+    if value and isinstance(value[0], int):
+        return [cast(list[int], value)]
+    return list(cast(list[str] | list[list[int]], value))
+
+
 # ---- request: messages --------------------------------------------------------------
 
 
-class TextPart(_Strict):
+class TextPart(StrictModel):
     type: Literal["text"]
     text: str
 
 
-class ImageURL(_Strict):
+class ImageURL(StrictModel):
     url: str
     detail: Literal["auto", "low", "high"] | None = None
 
 
-class ImagePart(_Strict):
+class ImagePart(StrictModel):
     type: Literal["image_url"]
     image_url: ImageURL
 
@@ -149,13 +168,13 @@ class ImagePart(_Strict):
 UserContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
 
 
-class SystemMessage(_Strict):
+class SystemMessage(StrictModel):
     role: Literal["system", "developer"]
     content: str | list[TextPart]
     name: str | None = None
 
 
-class UserMessage(_Strict):
+class UserMessage(StrictModel):
     role: Literal["user"]
     content: str | list[UserContentPart]
     name: str | None = None
@@ -191,7 +210,7 @@ def json_nesting_exceeds(text: str, max_depth: int) -> bool:
     return False
 
 
-class FunctionCall(_Strict):
+class FunctionCall(StrictModel):
     name: str
     arguments: Annotated[
         str,
@@ -213,13 +232,13 @@ class FunctionCall(_Strict):
         return value
 
 
-class ToolCallMessage(_Strict):
+class ToolCallMessage(StrictModel):
     id: str
     type: Literal["function"] = "function"
     function: FunctionCall
 
 
-class AssistantMessage(_Strict):
+class AssistantMessage(StrictModel):
     role: Literal["assistant"]
     content: str | list[TextPart] | None = None
     name: str | None = None
@@ -228,7 +247,7 @@ class AssistantMessage(_Strict):
     reasoning_content: str | None = None
 
 
-class ToolMessage(_Strict):
+class ToolMessage(StrictModel):
     role: Literal["tool"]
     content: str | list[TextPart]
     tool_call_id: str
@@ -240,40 +259,40 @@ ChatMessage = Annotated[
 ]
 
 
-class FunctionDefinition(_Strict):
+class FunctionDefinition(StrictModel):
     name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$")]
     description: str | None = None
     parameters: dict[str, Any] | None = None
     strict: bool | None = None
 
 
-class ToolDefinition(_Strict):
+class ToolDefinition(StrictModel):
     type: Literal["function"]
     function: FunctionDefinition
 
 
-class NamedFunction(_Strict):
+class NamedFunction(StrictModel):
     name: str
 
 
-class NamedToolChoice(_Strict):
+class NamedToolChoice(StrictModel):
     type: Literal["function"]
     function: NamedFunction
 
 
-class JSONSchemaFormat(_Strict):
+class JSONSchemaFormat(StrictModel):
     name: Annotated[str, Field(min_length=1, max_length=64)]
     description: str | None = None
     schema_: Annotated[dict[str, Any] | None, Field(alias="schema")] = None
     strict: bool | None = None
 
 
-class ResponseFormat(_Strict):
+class ResponseFormat(StrictModel):
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JSONSchemaFormat | None = None
 
 
-class StreamOptions(_Strict):
+class StreamOptions(StrictModel):
     include_usage: bool = False
 
 
@@ -308,7 +327,7 @@ def check_logit_bias(cls: type, value: dict[str, float] | None) -> dict[str, flo
     return value
 
 
-class _GenerationFields(_Strict):
+class _GenerationFields(StrictModel):
     """Fields chat and text completions share: model, sampling, stops, streaming.
 
     Sampling fields left as ``None`` take the model's defaults from ``models.yaml``.

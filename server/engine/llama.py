@@ -23,7 +23,7 @@ from ggufserve.engine.base import (
     ModelLoadError,
 )
 from ggufserve.engine.media import MediaPrompt, Mtmd
-from ggufserve.engine.sampling import TokenSampler, init_grammar
+from ggufserve.engine.sampling import CompiledGrammar, TokenSampler, compile_grammar
 from ggufserve.engine.scheduler import ContextLimits, Scheduler
 from ggufserve.engine.sequence import ImagePiece, Piece, Running
 from ggufserve.engine.special_tokens import SPECIAL, Plan, SpecialTokens
@@ -280,13 +280,14 @@ class LlamaEngine:
         self._scheduler.submit(*generations)
         return generations
 
-    def check_grammar(self, spec: GrammarSpec) -> None:
-        """Compile a grammar once (any thread), so a bad one fails the request up front.
+    def compile_grammar(self, spec: GrammarSpec) -> CompiledGrammar:
+        """Compile a grammar once (any thread), so a bad one fails the request up front;
+        the choices of a request given the result copy it instead of compiling it again.
 
         Raises:
             GrammarError: llama.cpp rejected it.
         """
-        llama_cpp.llama_sampler_free(init_grammar(self._vocab, spec))
+        return compile_grammar(self._vocab, spec)
 
     @property
     def model(self) -> _internals.LlamaModel:

@@ -7,7 +7,9 @@ import ctypes
 import logging
 import re
 import time
+import weakref
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import llama_cpp
 import numpy as np
@@ -88,6 +90,33 @@ def init_grammar(vocab: llama_cpp.llama_vocab_p, spec: GrammarSpec) -> llama_cpp
     return grammar
 
 
+@dataclass(frozen=True)
+class CompiledGrammar(GrammarSpec):
+    """A :class:`GrammarSpec` with its grammar already compiled for one vocabulary: each
+    :class:`TokenSampler` built from it starts from a copy (``llama_sampler_clone``), so
+    the choices of one request share one compile. Made by :func:`compile_grammar`; the
+    compiled sampler is freed with the last reference to this object."""
+
+    sampler: llama_cpp.llama_sampler_p = field(kw_only=True, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        weakref.finalize(self, llama_cpp.llama_sampler_free, self.sampler)
+
+    def copy(self) -> llama_cpp.llama_sampler_p:
+        """A fresh grammar sampler in the start state (free it with ``llama_sampler_free``)."""
+        return llama_cpp.llama_sampler_clone(self.sampler)
+
+
+def compile_grammar(vocab: llama_cpp.llama_vocab_p, spec: GrammarSpec) -> CompiledGrammar:
+    """Compile ``spec`` once (any thread), for every choice of a request to copy.
+
+    Raises:
+        GrammarError: llama.cpp rejected the grammar.
+    """
+    sampler = init_grammar(vocab, GrammarSpec(spec.gbnf))
+    return CompiledGrammar(spec.gbnf, spec.trigger_patterns, spec.trigger_tokens, sampler=sampler)
+
+
 def logits_row(ctx: _internals.LlamaContext, index: int, n_vocab: int) -> np.ndarray:
     """The logits of batch row ``index`` (a view into llama.cpp's buffer, valid until the
     next decode): float32, shape (n_vocab,)."""
@@ -115,6 +144,14 @@ def token_logprob(
     return TokenLogprob(token, piece(token), float(logprobs[token]), top)
 
 
+def _grammar_sampler(
+    vocab: llama_cpp.llama_vocab_p, grammar: GrammarSpec
+) -> llama_cpp.llama_sampler_p:
+    if isinstance(grammar, CompiledGrammar):
+        return grammar.copy()
+    return init_grammar(vocab, GrammarSpec(grammar.gbnf))
+
+
 class TokenSampler:
     """A sequence's sampler: the chain of :func:`make_chain`, and a grammar checked the way
     llama.cpp's common_sampler does it: the chain samples from the raw logits, the grammar
@@ -138,7 +175,7 @@ class TokenSampler:
         params: Sampling settings.
         vocab: The model's vocabulary (for the grammar).
         n_vocab: Vocabulary size.
-        grammar: Optional constraint.
+        grammar: Optional constraint; a :class:`CompiledGrammar` is copied, not compiled.
         piece: Token id → its text bytes, special tokens included (for triggers).
         tokenize: Text → token ids, special tokens parsed (for the replay).
         max_grammar_step_s: Most seconds of CPU time (this thread's) of grammar work in one
@@ -164,7 +201,7 @@ class TokenSampler:
         biased = [t for t in params.logit_bias if 0 <= t < n_vocab]
         self._biased = np.array(biased, dtype=np.int32)
         self._spec = grammar
-        self._grammar = init_grammar(vocab, GrammarSpec(grammar.gbnf)) if grammar else None
+        self._grammar = _grammar_sampler(vocab, grammar) if grammar else None
         self._active = grammar is not None and not grammar.lazy
         self._output = ""  # text so far, searched for triggers while the grammar waits
         self._piece = piece

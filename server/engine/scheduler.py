@@ -31,6 +31,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import llama_cpp
 from llama_cpp import _internals
@@ -77,11 +78,53 @@ class ContextLimits:
     n_vocab: int
 
 
+class ContextOps(Protocol):
+    """The calls the scheduler makes on its context's batch and KV cache (llama.h's
+    ``llama_decode`` and ``llama_memory_seq_*``; positions are [p0, p1), -1 = to the end)."""
+
+    def decode(self, batch: llama_cpp.llama_batch) -> int:
+        """Decode the batch; 0 on success, ``KV_FULL`` when no cells fit it, else an error."""
+        ...
+
+    def seq_rm(self, seq_id: int, p0: int, p1: int) -> bool:
+        """Drop the sequence's cells in [p0, p1); False when that cannot be done."""
+        ...
+
+    def seq_cp(self, src: int, dst: int, p0: int, p1: int) -> None:
+        """Share ``src``'s cells in [p0, p1) with ``dst``."""
+        ...
+
+    def seq_pos_min(self, seq_id: int) -> int:
+        """The smallest position the sequence still holds (-1: none)."""
+        ...
+
+
+class LlamaContextOps:
+    """:class:`ContextOps` on a llama.cpp context."""
+
+    def __init__(self, ctx: _internals.LlamaContext):
+        self._ctx = ctx
+        self._memory = llama_cpp.llama_get_memory(ctx.ctx)
+
+    def decode(self, batch: llama_cpp.llama_batch) -> int:
+        return llama_cpp.llama_decode(self._ctx.ctx, batch)
+
+    def seq_rm(self, seq_id: int, p0: int, p1: int) -> bool:
+        return bool(llama_cpp.llama_memory_seq_rm(self._memory, seq_id, p0, p1))
+
+    def seq_cp(self, src: int, dst: int, p0: int, p1: int) -> None:
+        llama_cpp.llama_memory_seq_cp(self._memory, src, dst, p0, p1)
+
+    def seq_pos_min(self, seq_id: int) -> int:
+        return llama_cpp.llama_memory_seq_pos_min(self._memory, seq_id)
+
+
 class Scheduler:
     """Owns the context's thread, its waiting queue and its sequences.
 
     Args:
-        ctx: The llama.cpp context (``n_seq_max`` ≥ ``limits.n_parallel``, unified KV).
+        ctx: The llama.cpp context (``n_seq_max`` ≥ ``limits.n_parallel``, unified KV);
+            the samplers and logprobs read its logits rows.
         limits: See :class:`ContextLimits`.
         start: Builds a :class:`Running` for a generation (prompt pieces, sampler...).
         piece: Token id → bytes (special tokens as nothing).
@@ -92,6 +135,8 @@ class Scheduler:
         stats: Counters to update.
         max_queued: Generations allowed to wait for a sequence; more → EngineBusy.
         name: Thread name, for logs.
+        ops: Decode and KV-cache calls (default: :class:`LlamaContextOps` on ``ctx``);
+            tests pass fakes to drive the scheduler without a model.
     """
 
     def __init__(
@@ -107,9 +152,10 @@ class Scheduler:
         stats: EngineStats,
         max_queued: int,
         name: str,
+        ops: ContextOps | None = None,
     ):
         self._ctx = ctx
-        self._memory = llama_cpp.llama_get_memory(ctx.ctx)
+        self._ops = ops if ops is not None else LlamaContextOps(ctx)
         self._limits = limits
         self._start = start
         self._piece = piece
@@ -220,7 +266,7 @@ class Scheduler:
             # Only images still encoding: wait briefly rather than spin.
             time.sleep(0.002)
             return
-        while (status := llama_cpp.llama_decode(self._ctx.ctx, self._batch.batch)) != 0:
+        while (status := self._ops.decode(self._batch.batch)) != 0:
             if status == KV_FULL and self._make_room(rows):
                 rows = self._fill_batch()
                 if not rows:
@@ -275,14 +321,14 @@ class Scheduler:
             source, keep = None, 0
         if source is not None and source in free:
             target = source
-            if not llama_cpp.llama_memory_seq_rm(self._memory, target.seq_id, keep, -1):
+            if not self._ops.seq_rm(target.seq_id, keep, -1):
                 keep = 0
-                llama_cpp.llama_memory_seq_rm(self._memory, target.seq_id, 0, -1)
+                self._ops.seq_rm(target.seq_id, 0, -1)
         else:
             target = min(free, key=lambda s: (len(s.cached) > 0, s.last_used))
-            llama_cpp.llama_memory_seq_rm(self._memory, target.seq_id, 0, -1)
+            self._ops.seq_rm(target.seq_id, 0, -1)
             if source is not None and keep > 0:
-                llama_cpp.llama_memory_seq_cp(self._memory, source.seq_id, target.seq_id, 0, keep)
+                self._ops.seq_cp(source.seq_id, target.seq_id, 0, keep)
         target.cached = prompt[:keep]
         target.n_past = keep
         if keep and keep == len(prompt):
@@ -299,7 +345,7 @@ class Scheduler:
         limits = self._limits
         if keep == 0 or limits.n_swa == 0 or limits.swa_full:
             return True
-        pos_min = llama_cpp.llama_memory_seq_pos_min(self._memory, source.seq_id)
+        pos_min = self._ops.seq_pos_min(source.seq_id)
         return pos_min <= max(0, keep - limits.n_swa)
 
     def _decode_ready_image(self, slot: Slot) -> None:
@@ -389,7 +435,7 @@ class Scheduler:
         idle = [s for s in self._slots if s.running is None and s.cached]
         if idle:
             for slot in idle:
-                llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, 0, -1)
+                self._ops.seq_rm(slot.seq_id, 0, -1)
                 slot.forget()
             return True
         in_batch = [slot for slot, _, _ in rows]
@@ -515,7 +561,7 @@ class Scheduler:
     def _fail(self, slot: Slot, event: Failed) -> None:
         assert slot.running is not None
         slot.running.generation.emit(event)
-        llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, 0, -1)
+        self._ops.seq_rm(slot.seq_id, 0, -1)
         slot.forget()
         self._release(slot)
 

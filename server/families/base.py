@@ -1,5 +1,6 @@
-"""What every model family shares: tool calls and reply events, the Family interface, and
-the incremental reply parser that splits output into content, reasoning and tool calls.
+"""What every model family shares: tool calls and reply events, the Family plug-in
+interface (everything the server knows about one kind of model), and the incremental reply
+parser that splits output into content, reasoning and tool calls.
 
 Content and reasoning are reported stripped of surrounding whitespace: the parser holds
 back leading whitespace until text follows and trailing whitespace until more text comes,
@@ -13,9 +14,16 @@ import secrets
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Set
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
-from ggufserve.families.reasoning import Channel, ChannelSplitter, find_marker
+from ggufserve.families.reasoning import (
+    THINK,
+    Channel,
+    ChannelSplitter,
+    ReasoningTags,
+    find_marker,
+)
+from ggufserve.grammar import CallSyntax
 
 
 @dataclass(frozen=True)
@@ -80,19 +88,70 @@ def call_from_object(obj: Any, tool_names: Set[str], keys: tuple[str, ...]) -> T
     return ToolCall(id=new_call_id(), name=name, arguments=arguments)
 
 
-class Family(ABC):
-    """A model family's tool-call format.
+@dataclass(frozen=True)
+class ImagePlaceholder:
+    """Where a family's chat template puts an image, and how mtmd's marker goes there.
 
     Attributes:
-        name: Family id (``gemma3``, ``qwen3_vl``).
-        call_openers: Literal texts that start a call, most typical first.
-        tool_template: Shipped template (server/families/chat_templates/) to render requests that
-            have tools or tool turns; None = the model's own template (it handles tools).
+        text: What the template renders for one image part.
+        replacement: What replaces ``text``, with ``{marker}`` standing for mtmd's marker.
     """
 
-    name: str
-    call_openers: tuple[str, ...]
-    tool_template: str | None
+    text: str
+    replacement: str
+
+    def place(self, prompt: str, n_images: int, marker: str) -> str | None:
+        """``prompt`` with each placeholder replaced around ``marker``; None when the
+        prompt holds other than ``n_images`` placeholders."""
+        if prompt.count(self.text) != n_images:
+            return None
+        return prompt.replace(self.text, self.replacement.format(marker=marker))
+
+
+class Family(ABC):
+    """A model family: how its tool calls are written (grammar) and parsed, its chat
+    templates, image placeholder and reasoning tags, and the GGUF architectures it serves.
+
+    Class attributes (a subclass sets each):
+        name: Display name (``gemma3``, ``qwen3_vl``); nothing is keyed by it.
+        architectures: llama.cpp ``general.architecture`` values served; the registry in
+            ``ggufserve.families`` maps each to the family.
+        call_syntax: How calls are laid out around their JSON (grammar of forced and
+            triggered calls).
+        trigger_patterns: llama.cpp lazy-grammar triggers (regex search over the output so
+            far; the grammar starts at the first non-empty capture group), first match wins.
+        call_openers: Literal texts that start a call, most typical first; the first one,
+            when it is a single token of the model's vocabulary, also triggers the grammar.
+        fallback_template: Shipped template (server/families/chat_templates/) for a GGUF
+            without one; None = the GGUF must carry its own.
+        tool_template: Shipped template to render requests that have tools or tool turns;
+            None = the model's own template (it handles tools).
+        image_placeholder: What the templates render for an image; None = no image input.
+        reasoning: The tags around reasoning.
+
+    An instance belongs to one loaded model: ``trigger_tokens`` is tokenized once, there.
+    """
+
+    name: ClassVar[str]
+    architectures: ClassVar[tuple[str, ...]]
+    call_syntax: ClassVar[CallSyntax]
+    trigger_patterns: ClassVar[tuple[str, ...]]
+    call_openers: ClassVar[tuple[str, ...]]
+    fallback_template: ClassVar[str | None]
+    tool_template: ClassVar[str | None]
+    image_placeholder: ClassVar[ImagePlaceholder | None]
+    reasoning: ClassVar[ReasoningTags] = THINK
+
+    def __init__(self, tokenize: Callable[[str], list[int]] | None = None):
+        """The family for one model.
+
+        Args:
+            tokenize: The model's tokenizer (special tokens parsed, no BOS), called once
+                here; None (no model, e.g. reply parsing) leaves ``trigger_tokens`` empty.
+        """
+        ids = tokenize(self.call_openers[0]) if tokenize is not None else []
+        # The opener's token, if it is one, triggers the lazy grammar too.
+        self.trigger_tokens: tuple[int, ...] = tuple(ids) if len(ids) == 1 else ()
 
     def opener_markers(self, tool_names: Set[str]) -> tuple[str, ...]:
         """Markers (a space = optional whitespace, see reasoning.py) after which output is
@@ -108,6 +167,11 @@ class Family(ABC):
             calls in order. Unknown tool names and malformed calls stay in the text; this
             never raises on model output.
         """
+
+
+def reasoning_tags(family: Family | None) -> ReasoningTags:
+    """The family's reasoning tags; ``<think>`` / ``</think>`` for a model without one."""
+    return family.reasoning if family is not None else THINK
 
 
 class _Trimmed:
@@ -155,7 +219,7 @@ class ReplyParser:
         self._family = family
         self._tools = frozenset(tool_names) if family is not None else frozenset()
         openers = family.opener_markers(self._tools) if family is not None and self._tools else ()
-        self._splitter = ChannelSplitter(reasoning_open, openers)
+        self._splitter = ChannelSplitter(reasoning_open, openers, reasoning_tags(family))
         self._out = {"reasoning": _Trimmed(ReasoningDelta), "content": _Trimmed(ContentDelta)}
 
     def feed(self, text: str) -> list[ReplyEvent]:

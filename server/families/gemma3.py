@@ -15,17 +15,20 @@ import json
 import re
 from collections.abc import Set
 
-from ggufserve.families.base import Family, ToolCall, arguments_json, call_from_object, new_call_id
+from ggufserve.families.base import (
+    Family,
+    ImagePlaceholder,
+    ToolCall,
+    arguments_json,
+    call_from_object,
+    new_call_id,
+)
 from ggufserve.families.reasoning import PARTIAL, find_marker
+from ggufserve.grammar import CallSyntax
 
 GEMMA_ARGUMENTS_KEY = "parameters"
 # Keys accepted for the arguments object when parsing, preferred first.
 GEMMA_ARGUMENT_KEYS = (GEMMA_ARGUMENTS_KEY, "arguments")
-# llama.cpp lazy-grammar triggers (regex search over the output so far; the grammar starts
-# at the first non-empty capture group): a JSON list of calls from its "[", else a single
-# call from its "{", only when "name" is the first key. Order matters: llama.cpp takes the
-# first pattern that matches, so the list pattern must come first.
-GEMMA_TRIGGER_PATTERNS = [r'(\[\s*\{\s*"name")', r'(\{\s*"name")']
 
 _JSON_MARKERS = ('{ "name"', '[ { "name"')
 # A space in a marker matches any whitespace run (reasoning.marker_at).
@@ -44,8 +47,26 @@ class Gemma3(Family):
     """Gemma 3's JSON (and Python-style) calls (see module doc)."""
 
     name = "gemma3"
+    architectures = ("gemma3",)
+    # A constrained reply is a JSON list of calls (or one bare call); a closing fence may
+    # follow, for a model that opened one before the grammar started.
+    call_syntax = CallSyntax(
+        arguments_key=GEMMA_ARGUMENTS_KEY,
+        call_prefix="",
+        call_suffix="",
+        separator=", ",
+        json_list=True,
+        closing="\n```",
+    )
+    # A JSON list of calls from its "[", else a single call from its "{", only when "name"
+    # is the first key; the list pattern comes first (llama.cpp takes the first match).
+    trigger_patterns = (r'(\[\s*\{\s*"name")', r'(\{\s*"name")')
     call_openers = ('{"name"', '[{"name"', "```tool_code")
+    fallback_template = "gemma3.jinja"
     tool_template = "gemma3_tools.jinja"
+    # Gemma3Processor (transformers) writes "\n\n<start_of_image>[image]<end_of_image>\n\n";
+    # mtmd adds <start_of_image>/<end_of_image> itself, so only the newlines are ours.
+    image_placeholder = ImagePlaceholder("<start_of_image>", "\n\n{marker}\n\n")
 
     def opener_markers(self, tool_names: Set[str]) -> tuple[str, ...]:
         """JSON and fence markers, plus ``[ <tool> (`` for each tool named like a Python

@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 from collections.abc import Set
 
-from ggufserve.families.base import Family, ToolCall, call_from_object
+from ggufserve.families.base import Family, ImagePlaceholder, ToolCall, call_from_object
+from ggufserve.grammar import CallSyntax
 
 QWEN_CALL_OPEN = "<tool_call>"
 QWEN_CALL_CLOSE = "</tool_call>"
@@ -18,17 +19,28 @@ QWEN_CALL_CLOSE = "</tool_call>"
 QWEN_CALL_PREFIX = QWEN_CALL_OPEN + "\n"
 QWEN_CALL_SUFFIX = "\n" + QWEN_CALL_CLOSE
 QWEN_ARGUMENTS_KEY = "arguments"
-# llama.cpp lazy-grammar triggers: regex search over the output so far; the grammar starts
-# at the first non-empty capture group, i.e. at <tool_call>.
-QWEN_TRIGGER_PATTERNS = [r"(<tool_call>)"]
 
 
 class Qwen3VL(Family):
     """Qwen3-VL's Hermes-style calls (see module doc)."""
 
     name = "qwen3_vl"
+    architectures = ("qwen3vl", "qwen3vlmoe")
+    call_syntax = CallSyntax(
+        arguments_key=QWEN_ARGUMENTS_KEY,
+        call_prefix=QWEN_CALL_PREFIX,
+        call_suffix=QWEN_CALL_SUFFIX,
+        separator="\n",
+        json_list=False,
+    )
+    # The grammar starts at <tool_call> (a single token of Qwen's vocabulary: it triggers too).
+    trigger_patterns = (r"(<tool_call>)",)
     call_openers = (QWEN_CALL_OPEN,)
+    fallback_template = "qwen3vl.jinja"
     tool_template = None
+    # Qwen3VLProcessor expands <|image_pad|> between <|vision_start|>/<|vision_end|>, which
+    # mtmd also adds itself: the whole group becomes the marker.
+    image_placeholder = ImagePlaceholder("<|vision_start|><|image_pad|><|vision_end|>", "{marker}")
 
     def parse_calls(self, text: str, tool_names: Set[str]) -> tuple[str, list[ToolCall]]:
         """Take ``<tool_call>`` blocks out of ``text`` (see :meth:`Family.parse_calls`).

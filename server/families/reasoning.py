@@ -4,7 +4,8 @@ A reply is reasoning when the prompt ended inside an open ``<think>`` or the out
 leading whitespace) starts with ``<think>``; reasoning runs up to the first ``</think>``
 and the rest is content. A stray ``</think>`` in content is dropped, so the tag never
 reaches a client. :class:`ChannelSplitter` does this incrementally and stops at the first
-complete call opener, holding back any partial tag or opener at a chunk boundary.
+complete call opener, holding back any partial tag or opener at a chunk boundary. The
+tags are the family's :class:`ReasoningTags` (``<think>`` / ``</think>`` for both today).
 
 Markers (tags and call openers) are matched with :func:`marker_at`: a space in a marker
 stands for any run of whitespace, including none (``'{ "name"'`` matches ``{"name"`` and
@@ -15,10 +16,21 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Literal
 
-THINK_OPEN = "<think>"
-THINK_CLOSE = "</think>"
+
+@dataclass(frozen=True)
+class ReasoningTags:
+    """The tags around a reply's reasoning part (a family's ``reasoning`` attribute)."""
+
+    open: str
+    close: str
+
+
+# The tags both families use, and those assumed for a model without a family.
+THINK = ReasoningTags("<think>", "</think>")
+
 # marker_at results other than an end index.
 PARTIAL = -1  # the text ended while it still matched: more text may complete it
 NO_MATCH = -2
@@ -26,10 +38,11 @@ NO_MATCH = -2
 Channel = Literal["reasoning", "content"]
 
 
-def prompt_opens_reasoning(prompt: str) -> bool:
-    """True if the rendered prompt ends inside an open ``<think>`` (e.g. Qwen3-VL Thinking's
-    generation prompt ``<|im_start|>assistant\\n<think>\\n``), so output starts as reasoning."""
-    return prompt.rstrip().endswith(THINK_OPEN)
+def prompt_opens_reasoning(prompt: str, tags: ReasoningTags = THINK) -> bool:
+    """True if the rendered prompt ends inside an open ``tags.open`` (e.g. Qwen3-VL
+    Thinking's generation prompt ``<|im_start|>assistant\\n<think>\\n``), so output starts
+    as reasoning."""
+    return prompt.rstrip().endswith(tags.open)
 
 
 def marker_at(text: str, pos: int, marker: str) -> int:
@@ -86,17 +99,19 @@ class ChannelSplitter:
     Args:
         reasoning_open: The prompt ended inside ``<think>``: output starts as reasoning.
         openers: Call-opener markers (see module doc); an empty tuple disables the stop.
+        tags: The reasoning tags (``<think>`` / ``</think>`` unless the family says else).
 
     ``feed`` returns the pieces that are certain; after the first complete opener it
     returns nothing more (``stopped``) and ``finish`` hands back the rest, split.
     """
 
-    def __init__(self, reasoning_open: bool, openers: Sequence[str]):
+    def __init__(self, reasoning_open: bool, openers: Sequence[str], tags: ReasoningTags = THINK):
         self.channel: Channel | None = "reasoning" if reasoning_open else None
         # Whether the output had a reasoning part (open in the prompt or a leading <think>).
         self.reasoned = reasoning_open
         self.stopped = False
-        self._markers = (THINK_CLOSE, *openers)
+        self._tags = tags
+        self._markers = (tags.close, *openers)
         self._tail = ""
 
     def feed(self, text: str) -> list[tuple[Channel, str]]:
@@ -113,7 +128,7 @@ class ChannelSplitter:
             if marker is None or end == PARTIAL:
                 self._tail = self._tail[pos:]
                 break
-            if marker == THINK_CLOSE:
+            if marker == self._tags.close:
                 # The tag ends reasoning; in content it is stray and dropped.
                 self._tail = self._tail[end:]
                 self.channel = "content"
@@ -127,20 +142,21 @@ class ChannelSplitter:
         rest, self._tail = self._tail, ""
         reasoning = ""
         if self.channel == "reasoning":
-            reasoning, closed, rest = rest.partition(THINK_CLOSE)
+            reasoning, closed, rest = rest.partition(self._tags.close)
             if not closed:
                 return reasoning, ""
-        return reasoning, rest.replace(THINK_CLOSE, "")
+        return reasoning, rest.replace(self._tags.close, "")
 
     def _decide_start(self) -> bool:
         """Settle whether the output opens with ``<think>``; False while it cannot tell."""
         head = self._tail.lstrip()
-        if len(head) < len(THINK_OPEN) and THINK_OPEN.startswith(head):
+        think = self._tags.open
+        if len(head) < len(think) and think.startswith(head):
             return False
-        if head.startswith(THINK_OPEN):
+        if head.startswith(think):
             self.channel = "reasoning"
             self.reasoned = True
-            self._tail = head[len(THINK_OPEN) :]
+            self._tail = head[len(think) :]
         else:
             self.channel = "content"
         return True

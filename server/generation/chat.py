@@ -1,8 +1,10 @@
 """Chat service: an OpenAI chat request → prompt tokens → engine jobs (one per choice) →
 response or stream.
 
-All checks that can fail happen in :meth:`ChatService.prepare`, before any byte of a
-response is sent, so that even ``stream=true`` requests get real HTTP errors.
+All checks that can fail happen before any byte of a response is sent, so that even
+``stream=true`` requests get real HTTP errors: those needing no model in
+:meth:`ChatService.check` (before the model is leased, so none waits for a load), the rest
+in :meth:`ChatService.prepare`.
 """
 
 from __future__ import annotations
@@ -16,34 +18,16 @@ from typing import Any
 import anyio.to_thread
 
 from ggufserve.api.refusals import refuse_chat_fields
-from ggufserve.api.wire import (
-    ChatCompletion,
-    ChatCompletionChunk,
-    ChatCompletionRequest,
-    ChoiceLogprobs,
-    ChunkChoice,
-    CompletionUsage,
-    Delta,
-)
-from ggufserve.engine.base import Failed, Finished, GenerationEvent, GenerationRequest, TextDelta
+from ggufserve.api.wire import ChatCompletion, ChatCompletionRequest
+from ggufserve.engine.base import GenerationEvent, GenerationRequest, TextDelta
+from ggufserve.engine.llama import LlamaEngine
 from ggufserve.engine.sampling import GrammarError
 from ggufserve.engine.worker import EngineBusy, EngineClosed, Generation
-from ggufserve.errors import (
-    ContextLengthExceededError,
-    InvalidRequestError,
-    ModelUnavailableError,
-    QueueFullError,
-)
-from ggufserve.families.base import ReplyParser
-from ggufserve.generation.chat_reply import (
-    ChoiceStream,
-    ChoiceText,
-    failure,
-    merged_events,
-    run_to_end,
-    sse_json,
-    usage,
-)
+from ggufserve.errors import InvalidRequestError, ModelUnavailableError, QueueFullError
+from ggufserve.families.base import ReplyParser, reasoning_tags
+from ggufserve.families.reasoning import prompt_opens_reasoning
+from ggufserve.generation.capacity import check_choices, check_context
+from ggufserve.generation.chat_reply import ChatChunks, ChoiceText, usage
 from ggufserve.generation.constraints import ToolSelection, reply_grammar, select_tools
 from ggufserve.generation.images import ImageLimits, load_image
 from ggufserve.generation.prompting import (
@@ -57,12 +41,23 @@ from ggufserve.generation.prompting import (
     tokenize_text,
 )
 from ggufserve.generation.sampling_params import sampling_params
-from ggufserve.models.registry import ModelRegistry, ServedModel
+from ggufserve.generation.streaming import run_to_end, sse_stream
+from ggufserve.models.loading import LoadedParts
+from ggufserve.models.served_model import Lease, ServedModel
 from ggufserve.settings import ServerSettings
 
-THINK_OPEN = "<think>"
 # Template variables a request may not set through chat_template_kwargs.
 RESERVED_TEMPLATE_VARS = {"messages", "tools", "add_generation_prompt", "bos_token", "eos_token"}
+
+
+@dataclass(frozen=True)
+class CheckedChat:
+    """A request that passed the checks needing no model: its tool choice and the
+    template variables it sets."""
+
+    body: ChatCompletionRequest
+    selection: ToolSelection
+    template_extra: dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -76,10 +71,11 @@ class _Rendered:
 
 @dataclass(frozen=True)
 class PreparedChat:
-    """A validated request, ready to run: the model, one engine job per choice, what the
-    reply may hold, and response ids."""
+    """A validated request, ready to run: the model and its loaded parts, one engine job
+    per choice, what the reply may hold, and response ids."""
 
     served: ServedModel
+    parts: LoadedParts
     jobs: list[GenerationRequest]
     selection: ToolSelection
     reasoning_open: bool
@@ -89,19 +85,17 @@ class PreparedChat:
     want_logprobs: bool
 
     def parser(self) -> ReplyParser:
-        return ReplyParser(self.served.family, self.selection.names, self.reasoning_open)
+        return ReplyParser(self.parts.family, self.selection.names, self.reasoning_open)
 
 
 class ChatService:
     """Builds prompts and drives generations for ``/v1/chat/completions``.
 
     Args:
-        registry: The served models.
         settings: Server limits (prompt size, images).
     """
 
-    def __init__(self, registry: ModelRegistry, settings: ServerSettings):
-        self._registry = registry
+    def __init__(self, settings: ServerSettings):
         self._settings = settings
         self._image_limits = ImageLimits(
             max_images=settings.max_images_per_request,
@@ -113,39 +107,44 @@ class ChatService:
             allowed_private_networks=tuple(settings.allowed_private_networks),
         )
 
-    async def prepare(self, body: ChatCompletionRequest, request_id: str) -> PreparedChat:
-        """Validate, render and tokenize the request; build its grammar.
+    def check(self, body: ChatCompletionRequest) -> CheckedChat:
+        """The checks that need no model (run before it is leased, so that a bad request
+        never waits for a load; a worker thread).
 
         Raises:
-            InvalidRequestError: refused or inconsistent options, images for a text-only
-                model, a prompt over the character cap, invalid Unicode, a template
-                rejection, an unenforceable schema keyword, or an out-of-vocabulary
-                ``logit_bias`` id.
-            ContextLengthExceededError: prompt tokens + ``max_tokens`` exceed ``n_ctx``.
-            ModelNotFoundError / ModelUnavailableError: see ``ModelRegistry.get``.
+            InvalidRequestError: a refused field, inconsistent ``tools`` / ``tool_choice`` /
+                ``response_format``, or a ``chat_template_kwargs`` key the server sets.
         """
-        served = self._registry.get(body.model)
+        refuse_chat_fields(body)
+        return CheckedChat(body, select_tools(body), _template_extra(body))
+
+    async def prepare(self, checked: CheckedChat, lease: Lease, request_id: str) -> PreparedChat:
+        """Render and tokenize the request on the leased model; build its grammar.
+
+        Raises:
+            InvalidRequestError: too many choices, tools for a family without a call
+                format, images for a text-only model, a prompt over the character cap,
+                invalid Unicode, a template rejection, an unenforceable schema keyword, or
+                an out-of-vocabulary ``logit_bias`` id.
+            ContextLengthExceededError: prompt tokens + ``max_tokens`` exceed ``n_ctx``.
+        """
         # Every CPU-bound step runs in a worker thread; the loop only awaits (and fetches images).
-        rendered = await anyio.to_thread.run_sync(self._render, body, served)
+        rendered = await anyio.to_thread.run_sync(self._render, checked, lease.parts)
         images = await self._images(rendered.image_urls) if rendered.image_urls else []
         return await anyio.to_thread.run_sync(
-            self._build, body, served, rendered, images, request_id
+            self._build, checked.body, lease, rendered, images, request_id
         )
 
-    def _render(self, body: ChatCompletionRequest, served: ServedModel) -> _Rendered:
-        """Check the request's options and render its prompt text (a worker thread).
+    def _render(self, checked: CheckedChat, parts: LoadedParts) -> _Rendered:
+        """Check the request against the model and render its prompt text (a worker thread).
 
         Raises:
             InvalidRequestError: see :meth:`prepare` (all but the token-level checks).
         """
-        refuse_chat_fields(body)
-        engine = served.engine
-        assert engine is not None
-        n_choices = body.n or 1
-        n_max = engine.n_parallel + self._settings.max_queued_requests
-        if n_choices > n_max:
-            raise InvalidRequestError(f"n is at most {n_max} for this model.", param="n")
-        selection = select_tools(body, served.family)
+        body, selection, engine = checked.body, checked.selection, parts.engine
+        check_choices(body.n or 1, engine.n_parallel, self._settings.max_queued_requests)
+        if body.tools and parts.family is None:
+            raise InvalidRequestError("This model's family has no tool-call format.", param="tools")
         messages, image_urls = template_messages(body, vision=engine.info.vision)
         chars = sum(len(text_of(m["content"])) for m in messages)
         # No more text than n_ctx tokens could spell: refused before rendering/tokenizing.
@@ -155,18 +154,17 @@ class ChatService:
                 f"The messages hold {chars} characters; the limit for this model is {cap}.",
                 param="messages",
             )
-        template = served.template
+        template = parts.template
         if selection.shown or selection.uses_tool_turns:
-            template = served.tool_template
-        assert template is not None
-        prompt_input = TemplateInput(messages, image_urls, selection.shown, _template_extra(body))
+            template = parts.tool_template
+        prompt_input = TemplateInput(messages, image_urls, selection.shown, checked.template_extra)
         text = render(template, prompt_input, engine.special_tokens)
         return _Rendered(text, image_urls, selection)
 
     def _build(
         self,
         body: ChatCompletionRequest,
-        served: ServedModel,
+        lease: Lease,
         rendered: _Rendered,
         images: list[Any],
         request_id: str,
@@ -178,46 +176,35 @@ class ChatService:
         Raises:
             InvalidRequestError / ContextLengthExceededError: see :meth:`prepare`.
         """
-        engine = served.engine
-        assert engine is not None
+        parts = lease.parts
+        engine, family = parts.engine, parts.family
         text, selection = rendered.text, rendered.selection
         n_choices = body.n or 1
-        reasoning_open = text.text.rstrip().endswith(THINK_OPEN)
+        reasoning_open = prompt_opens_reasoning(text.text, reasoning_tags(family))
         prompt: list[int] = []
         media = None
         if rendered.image_urls:
-            media = tokenize_media(served, text, images)
+            media = tokenize_media(engine, text, images)
             n_prompt = media.n_tokens
         else:
-            prompt = tokenize_text(served, text)
+            prompt = tokenize_text(engine, text)
             n_prompt = len(prompt)
         n_ctx = engine.info.n_ctx
         max_tokens = body.max_completion_tokens or body.max_tokens
-        if n_prompt >= n_ctx or (max_tokens is not None and n_prompt + max_tokens > n_ctx):
-            wanted = max_tokens or 1
-            raise ContextLengthExceededError(
-                f"This model's maximum context length is {n_ctx} tokens. However, you requested "
-                f"{n_prompt + wanted} tokens ({n_prompt} in the messages, {wanted} in the "
-                "completion). Please reduce the length of the messages or completion."
-            )
-        opener = served.family.call_openers[0] if served.family else ""
-        grammar = reply_grammar(
-            body,
-            selection,
-            served.family,
-            reasoning_open=reasoning_open,
-            opener_tokens=engine.tokenize(opener) if opener else [],
-        )
-        if grammar is not None:
-            try:
-                engine.check_grammar(grammar)
+        check_context(n_prompt, max_tokens, n_ctx, part="messages", param="messages")
+        spec = reply_grammar(body, selection, family, reasoning_open=reasoning_open)
+        grammar = None
+        if spec is not None:
+            try:  # compiled once here; each choice's sampler starts from a copy
+                grammar = engine.compile_grammar(spec)
             except GrammarError:
                 raise InvalidRequestError(
                     "The output constraints could not be compiled to a grammar.",
                     param="response_format" if not selection.callable else "tools",
                 ) from None
         want_logprobs = bool(body.logprobs)
-        samplings = sampling_params(body, served, n_choices)
+        defaults = lease.served.entry.sampling
+        samplings = sampling_params(body, defaults, engine.info.n_vocab, n_choices)
         job = GenerationRequest(
             prompt_tokens=prompt,
             max_tokens=max_tokens or n_ctx - n_prompt,
@@ -228,7 +215,8 @@ class ChatService:
             logprobs=(body.top_logprobs or 0) if want_logprobs else None,
         )
         return PreparedChat(
-            served=served,
+            served=lease.served,
+            parts=parts,
             jobs=[replace(job, sampling=s) for s in samplings],
             selection=selection,
             reasoning_open=reasoning_open,
@@ -260,7 +248,7 @@ class ChatService:
             QueueFullError: the model's queue is full (429 with Retry-After).
             ModelUnavailableError: the engine is shutting down.
         """
-        return start_jobs(prepared.served, prepared.jobs)
+        return start_jobs(prepared.parts.engine, prepared.served.id, prepared.jobs)
 
     async def complete(
         self, prepared: PreparedChat, generations: list[Generation], request_id: str
@@ -286,64 +274,22 @@ class ChatService:
             usage=usage(ordered),
         )
 
-    async def stream(
+    def stream(
         self, prepared: PreparedChat, generations: list[Generation], request_id: str
     ) -> AsyncIterator[str]:
         """Server-sent events: per choice a role delta, content / reasoning deltas, tool
         call deltas and a finish chunk; an optional usage chunk; ``[DONE]``. An engine
-        failure becomes an error event before ``[DONE]``."""
-
-        def chunk(
-            delta: Delta,
-            *,
-            index: int = 0,
-            finish: Any = None,
-            logprobs: ChoiceLogprobs | None = None,
-            usage: CompletionUsage | None = None,
-        ) -> str:
-            choices = (
-                []
-                if usage is not None
-                else [
-                    ChunkChoice(index=index, delta=delta, logprobs=logprobs, finish_reason=finish)
-                ]
-            )
-            body = ChatCompletionChunk(
-                id=prepared.completion_id,
-                created=prepared.created,
-                model=prepared.served.id,
-                choices=choices,
-                usage=usage,
-            )
-            return f"data: {body.model_dump_json()}\n\n"
-
-        streams = [
-            ChoiceStream(i, prepared.parser(), prepared.want_logprobs, chunk)
-            for i in range(len(generations))
-        ]
-        finished: dict[int, Finished] = {}
-        try:
-            for choice in streams:
-                yield choice.start()
-            async for index, event in merged_events(generations):
-                if isinstance(event, TextDelta):
-                    for line in streams[index].text(event):
-                        yield line
-                elif isinstance(event, Finished):
-                    finished[index] = event
-                    for line in streams[index].finish(event):
-                        yield line
-                elif isinstance(event, Failed):
-                    yield sse_json(failure(event, request_id).envelope())
-                    break
-            else:
-                if prepared.include_usage:
-                    ordered = [finished[i] for i in range(len(generations))]
-                    yield chunk(Delta(), usage=usage(ordered))
-            yield "data: [DONE]\n\n"
-        finally:
-            for generation in generations:
-                generation.cancel()
+        failure becomes an error event before ``[DONE]`` (see
+        :func:`ggufserve.generation.streaming.sse_stream`)."""
+        chunks = ChatChunks(
+            prepared.completion_id,
+            prepared.created,
+            prepared.served.id,
+            [prepared.parser() for _ in generations],
+            want_logprobs=prepared.want_logprobs,
+            include_usage=prepared.include_usage,
+        )
+        return sse_stream(generations, request_id, chunks)
 
 
 def _template_extra(body: ChatCompletionRequest) -> dict[str, Any]:
@@ -363,21 +309,20 @@ def _template_extra(body: ChatCompletionRequest) -> dict[str, Any]:
     return extra
 
 
-def start_jobs(served: ServedModel, jobs: list[GenerationRequest]) -> list[Generation]:
+def start_jobs(
+    engine: LlamaEngine, model_id: str, jobs: list[GenerationRequest]
+) -> list[Generation]:
     """Queue jobs (the choices of one request) on the model's engine, all or none.
 
     Raises:
         QueueFullError: the model's queue is full (429 with Retry-After).
-        ModelUnavailableError: the model is not loaded or the engine is shutting down.
+        ModelUnavailableError: the engine is shutting down.
     """
-    engine = served.engine
-    if engine is None:
-        raise ModelUnavailableError("The model is not loaded.")
     try:
         return engine.submit_choices(jobs)
     except EngineBusy as exc:
         raise QueueFullError(
-            f"Too many requests are waiting for '{served.id}'; retry later.",
+            f"Too many requests are waiting for '{model_id}'; retry later.",
             retry_after_s=exc.retry_after_s,
         ) from None
     except EngineClosed:

@@ -1,5 +1,5 @@
-"""Engine events of a request's choices → OpenAI responses and stream chunks (chat; the
-event plumbing is shared with text completions).
+"""Engine events of a chat request's choices → OpenAI chat responses and stream chunks
+(the stream itself is driven by :mod:`ggufserve.generation.streaming`).
 
 Each choice's text goes through its family's :class:`ReplyParser`, which splits reasoning
 (``reasoning_content``) from content and takes tool calls out of the text, so that call
@@ -9,19 +9,18 @@ text included), in order.
 
 from __future__ import annotations
 
-import asyncio
-import json
-from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 from ggufserve.api.wire import (
+    ChatCompletionChunk,
     Choice,
     ChoiceLogprobs,
+    ChunkChoice,
     CompletionUsage,
     Delta,
     DeltaFunctionCall,
     DeltaToolCall,
+    FinishReasonWire,
     PromptTokensDetails,
     ResponseFunctionCall,
     ResponseMessage,
@@ -29,15 +28,9 @@ from ggufserve.api.wire import (
     TokenLogprobWire,
     TopLogprob,
 )
-from ggufserve.engine.base import Failed, Finished, GenerationEvent, TextDelta, TokenLogprob
-from ggufserve.engine.worker import Generation
-from ggufserve.errors import (
-    APIError,
-    InternalServerError,
-    InvalidRequestError,
-    ModelUnavailableError,
-)
+from ggufserve.engine.base import Finished, PromptLogprobs, TextDelta, TokenLogprob
 from ggufserve.families.base import ContentDelta, ReplyEvent, ReplyParser, ToolCall
+from ggufserve.generation.streaming import StreamWriter
 
 
 def token_text(piece: bytes) -> str:
@@ -121,98 +114,27 @@ class ChoiceText:
         )
 
 
-async def merged_events(
-    generations: list[Generation],
-) -> AsyncIterator[tuple[int, GenerationEvent]]:
-    """The events of several generations as they come, tagged with the choice index."""
-    queue: asyncio.Queue[tuple[int, GenerationEvent]] = asyncio.Queue()
-
-    async def pump(index: int, generation: Generation) -> None:
-        async for event in generation.events():
-            await queue.put((index, event))
-
-    tasks = [asyncio.ensure_future(pump(i, g)) for i, g in enumerate(generations)]
-    try:
-        pending = len(generations)
-        while pending:
-            index, event = await queue.get()
-            if isinstance(event, (Finished, Failed)):
-                pending -= 1
-            yield index, event
-    finally:
-        for task in tasks:
-            task.cancel()
-
-
-async def run_to_end(
-    generations: list[Generation],
-    request_id: str,
-    on_event: Callable[[int, GenerationEvent], None],
-) -> list[Finished]:
-    """Drive every choice to its end, handing each event to ``on_event``; the choices'
-    ``Finished`` events in index order. The generations are cancelled on the way out.
-
-    Raises:
-        APIError: a choice failed (see :func:`failure`).
-    """
-    finished: dict[int, Finished] = {}
-    try:
-        async for index, event in merged_events(generations):
-            if isinstance(event, Failed):
-                raise failure(event, request_id)
-            if isinstance(event, Finished):
-                finished[index] = event
-            on_event(index, event)
-    finally:
-        for generation in generations:
-            generation.cancel()
-    return [finished[i] for i in range(len(generations))]
-
-
-def sse_json(payload: dict[str, Any]) -> str:
-    return f"data: {json.dumps(payload)}\n\n"
-
-
-def failure(event: Failed, request_id: str) -> APIError:
-    """The error a failed generation answers with."""
-    if event.code == "kv_cache_full":
-        return ModelUnavailableError(
-            "The model's context memory is full with other requests; retry shortly.",
-            code="kv_cache_full",
-            retry_after_s=2,
-        )
-    if event.code in GRAMMAR_FAILURES:
-        return InvalidRequestError(GRAMMAR_FAILURES[event.code], code=event.code)
-    return InternalServerError(request_id)
-
-
-# Failed codes of ggufserve.engine.sampling's GrammarFailure: the request's constraints are
-# at fault, not the server (400; in a stream, the error event after the partial output).
-GRAMMAR_FAILURES = {
-    "grammar_too_expensive": "The output constraints (response_format or tools) took too "
-    "long to check for one token; simplify the schema.",
-    "grammar_dead_end": "The output constraints (response_format or tools) allow no "
-    "further token; the output was stopped rather than let break them.",
-}
-
-
-ChunkMaker = Callable[..., str]
-
-
 @dataclass
 class ChoiceStream:
-    """Turns one choice's engine events into stream chunks (via ``make``:
-    ``make(delta, index=, finish=None, logprobs=None)`` → an SSE line)."""
+    """Turns one choice's engine events into the choices of its stream chunks (one
+    ``ChunkChoice`` per chunk)."""
 
     index: int
     parser: ReplyParser
     want_logprobs: bool
-    make: ChunkMaker
 
-    def start(self) -> str:
-        return self.make(Delta(role="assistant", content=""), index=self.index)
+    def _choice(
+        self,
+        delta: Delta,
+        finish: FinishReasonWire | None = None,
+        logprobs: ChoiceLogprobs | None = None,
+    ) -> ChunkChoice:
+        return ChunkChoice(index=self.index, delta=delta, logprobs=logprobs, finish_reason=finish)
 
-    def text(self, delta: TextDelta) -> list[str]:
+    def start(self) -> ChunkChoice:
+        return self._choice(Delta(role="assistant", content=""))
+
+    def text(self, delta: TextDelta) -> list[ChunkChoice]:
         deltas = [_delta(event) for event in self.parser.feed(delta.text)]
         logprobs = (
             ChoiceLogprobs(content=wire_logprobs(delta.logprobs))
@@ -222,17 +144,16 @@ class ChoiceStream:
         if logprobs is not None and not deltas:
             deltas = [Delta()]  # the text is held back (a call, a tag) but its logprobs go now
         return [
-            self.make(d, index=self.index, logprobs=logprobs if i == 0 else None)
-            for i, d in enumerate(deltas)
+            self._choice(d, logprobs=logprobs if i == 0 else None) for i, d in enumerate(deltas)
         ]
 
-    def finish(self, finished: Finished) -> list[str]:
+    def finish(self, finished: Finished) -> list[ChunkChoice]:
         events, calls = self.parser.finish(truncated=finished.finish_reason == "length")
-        out = [self.make(_delta(event), index=self.index) for event in events]
+        out = [self._choice(_delta(event)) for event in events]
         for k, call in enumerate(calls):
             # OpenAI's shape: id, type and name first with empty arguments, then the text.
             out.append(
-                self.make(
+                self._choice(
                     Delta(
                         tool_calls=[
                             DeltaToolCall(
@@ -242,25 +163,74 @@ class ChoiceStream:
                                 function=DeltaFunctionCall(name=call.name, arguments=""),
                             )
                         ]
-                    ),
-                    index=self.index,
+                    )
                 )
             )
             out.append(
-                self.make(
+                self._choice(
                     Delta(
                         tool_calls=[
                             DeltaToolCall(
                                 index=k, function=DeltaFunctionCall(arguments=call.arguments)
                             )
                         ]
-                    ),
-                    index=self.index,
+                    )
                 )
             )
         reason = "tool_calls" if calls else finished.finish_reason
-        out.append(self.make(Delta(), index=self.index, finish=reason))
+        out.append(self._choice(Delta(), finish=reason))
         return out
+
+
+class ChatChunks(StreamWriter):
+    """A chat completion's stream: per choice a role delta first, then its content /
+    reasoning deltas, tool call deltas and finish chunk; the usage chunk last when asked.
+
+    Args:
+        completion_id / created / model: The chunks' ``id``, ``created`` and ``model``.
+        parsers: One reply parser per choice.
+        want_logprobs: Whether chunks carry their tokens' logprobs.
+        include_usage: Whether a usage chunk (no choices) closes the stream.
+    """
+
+    def __init__(
+        self,
+        completion_id: str,
+        created: int,
+        model: str,
+        parsers: list[ReplyParser],
+        *,
+        want_logprobs: bool,
+        include_usage: bool,
+    ):
+        self._id, self._created, self._model = completion_id, created, model
+        self._include_usage = include_usage
+        self._choices = [ChoiceStream(i, p, want_logprobs) for i, p in enumerate(parsers)]
+
+    def _chunk(
+        self, choices: list[ChunkChoice], totals: CompletionUsage | None = None
+    ) -> ChatCompletionChunk:
+        return ChatCompletionChunk(
+            id=self._id, created=self._created, model=self._model, choices=choices, usage=totals
+        )
+
+    def opening(self) -> list[ChatCompletionChunk]:
+        return [self._chunk([choice.start()]) for choice in self._choices]
+
+    def on_event(
+        self, index: int, event: TextDelta | PromptLogprobs | Finished
+    ) -> list[ChatCompletionChunk]:
+        choice = self._choices[index]
+        if isinstance(event, TextDelta):
+            parts = choice.text(event)
+        elif isinstance(event, Finished):
+            parts = choice.finish(event)
+        else:
+            parts = []
+        return [self._chunk([part]) for part in parts]
+
+    def closing(self, finished: list[Finished]) -> list[ChatCompletionChunk]:
+        return [self._chunk([], usage(finished))] if self._include_usage else []
 
 
 def _delta(event: ReplyEvent) -> Delta:

@@ -9,7 +9,7 @@ the first one null) precede the completion.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import anyio.to_thread
@@ -21,9 +21,9 @@ from ggufserve.api.wire import (
     CompletionLogprobs,
     CompletionRequest,
     CompletionUsage,
+    input_items,
 )
 from ggufserve.engine.base import (
-    Failed,
     Finished,
     GenerationEvent,
     GenerationRequest,
@@ -31,20 +31,17 @@ from ggufserve.engine.base import (
     TextDelta,
     TokenLogprob,
 )
+from ggufserve.engine.llama import LlamaEngine
 from ggufserve.engine.worker import Generation
-from ggufserve.errors import ContextLengthExceededError, InvalidRequestError
+from ggufserve.errors import InvalidRequestError
+from ggufserve.generation.capacity import check_choices, check_context
 from ggufserve.generation.chat import start_jobs
-from ggufserve.generation.chat_reply import (
-    failure,
-    merged_events,
-    run_to_end,
-    sse_json,
-    token_text,
-    usage,
-)
+from ggufserve.generation.chat_reply import token_text, usage
 from ggufserve.generation.prompting import tokenize_text
 from ggufserve.generation.sampling_params import sampling_params
-from ggufserve.models.registry import ModelRegistry, ServedModel
+from ggufserve.generation.streaming import StreamWriter, run_to_end, sse_stream
+from ggufserve.models.loading import LoadedParts
+from ggufserve.models.served_model import Lease, ServedModel
 from ggufserve.settings import ServerSettings
 
 
@@ -57,8 +54,18 @@ class Prompt:
 
 
 @dataclass(frozen=True)
+class CheckedCompletion:
+    """A request that passed the checks needing no model, and its prompts (texts or token
+    id lists)."""
+
+    body: CompletionRequest
+    items: list[str | list[int]]
+
+
+@dataclass(frozen=True)
 class PreparedCompletion:
     served: ServedModel
+    parts: LoadedParts
     prompts: list[Prompt]
     jobs: list[list[GenerationRequest]]  # per prompt, one per choice
     completion_id: str
@@ -112,52 +119,64 @@ class CompletionService:
     """Builds and drives ``/v1/completions`` requests.
 
     Args:
-        registry: The served models.
         settings: Server limits.
     """
 
-    def __init__(self, registry: ModelRegistry, settings: ServerSettings):
-        self._registry = registry
+    def __init__(self, settings: ServerSettings):
         self._settings = settings
 
-    async def prepare(self, body: CompletionRequest, request_id: str) -> PreparedCompletion:
-        """Validate and tokenize every prompt.
+    def check(self, body: CompletionRequest) -> CheckedCompletion:
+        """The checks that need no model (run before it is leased, so that a bad request
+        never waits for a load).
 
         Raises:
-            InvalidRequestError: a refused field, a prompt over the character cap, a token
-                id outside the vocabulary, invalid Unicode, or too many choices.
-            ContextLengthExceededError: a prompt + ``max_tokens`` exceed ``n_ctx``.
-            ModelNotFoundError / ModelUnavailableError: see ``ModelRegistry.get``.
+            InvalidRequestError: a refused field, or prompts over the character cap.
         """
-        served = self._registry.get(body.model)
+        refuse_completion_fields(body)
+        items = input_items(body.prompt)
+        total = sum(len(item) for item in items if isinstance(item, str))
+        if total > self._settings.max_prompt_chars:
+            raise InvalidRequestError(
+                f"The prompt holds {total} characters; the limit is "
+                f"{self._settings.max_prompt_chars}.",
+                param="prompt",
+            )
+        return CheckedCompletion(body, items)
+
+    async def prepare(
+        self, checked: CheckedCompletion, lease: Lease, request_id: str
+    ) -> PreparedCompletion:
+        """Tokenize every prompt and check the request against the leased model.
+
+        Raises:
+            InvalidRequestError: a token id outside the vocabulary, invalid Unicode, or too
+                many choices.
+            ContextLengthExceededError: a prompt + ``max_tokens`` exceed ``n_ctx``.
+        """
         # Tokenizing and checking prompts is CPU-bound: a worker thread; the loop only awaits.
-        return await anyio.to_thread.run_sync(self._build, body, served, request_id)
+        return await anyio.to_thread.run_sync(self._build, checked, lease, request_id)
 
     def _build(
-        self, body: CompletionRequest, served: ServedModel, request_id: str
+        self, checked: CheckedCompletion, lease: Lease, request_id: str
     ) -> PreparedCompletion:
         """:meth:`prepare`'s work, in a worker thread (same errors)."""
-        refuse_completion_fields(body)
-        engine = served.engine
-        assert engine is not None
-        prompts = self._prompts(body, served)
+        body = checked.body
+        engine = lease.parts.engine
+        prompts = self._prompts(checked.items, engine)
         n_choices = body.n or 1
-        n_max = engine.n_parallel + self._settings.max_queued_requests
-        if n_choices * len(prompts) > n_max:
-            raise InvalidRequestError(
-                f"len(prompt) * n is at most {n_max} for this model.", param="n"
-            )
-        n_ctx = engine.info.n_ctx
+        check_choices(
+            n_choices * len(prompts),
+            engine.n_parallel,
+            self._settings.max_queued_requests,
+            what="len(prompt) * n",
+        )
         max_tokens = 16 if body.max_tokens is None else body.max_tokens
         for prompt in prompts:
-            if len(prompt.tokens) >= n_ctx or len(prompt.tokens) + max_tokens > n_ctx:
-                raise ContextLengthExceededError(
-                    f"This model's maximum context length is {n_ctx} tokens. However, you "
-                    f"requested {len(prompt.tokens) + max_tokens} tokens "
-                    f"({len(prompt.tokens)} in the prompt, {max_tokens} in the completion).",
-                    param="prompt",
-                )
-        sampling = sampling_params(body, served, n_choices)
+            check_context(
+                len(prompt.tokens), max_tokens, engine.info.n_ctx, part="prompt", param="prompt"
+            )
+        defaults = lease.served.entry.sampling
+        sampling = sampling_params(body, defaults, engine.info.n_vocab, n_choices)
         echo_scores = body.logprobs if body.echo else None
         jobs = [
             [
@@ -174,7 +193,8 @@ class CompletionService:
             for prompt in prompts
         ]
         return PreparedCompletion(
-            served=served,
+            served=lease.served,
+            parts=lease.parts,
             prompts=prompts,
             jobs=jobs,
             completion_id=f"cmpl-{request_id}",
@@ -184,28 +204,11 @@ class CompletionService:
             include_usage=bool(body.stream_options and body.stream_options.include_usage),
         )
 
-    def _prompts(self, body: CompletionRequest, served: ServedModel) -> list[Prompt]:
-        assert served.engine is not None
-        engine = served.engine
-        raw = body.prompt
-        items: list[str | list[int]]
-        if isinstance(raw, str):
-            items = [raw]
-        elif raw and isinstance(raw[0], int):
-            items = [list(raw)]
-        else:
-            items = list(raw)  # type: ignore[arg-type]
-        total = sum(len(item) for item in items if isinstance(item, str))
-        if total > self._settings.max_prompt_chars:
-            raise InvalidRequestError(
-                f"The prompt holds {total} characters; the limit is "
-                f"{self._settings.max_prompt_chars}.",
-                param="prompt",
-            )
+    def _prompts(self, items: list[str | list[int]], engine: LlamaEngine) -> list[Prompt]:
         prompts = []
         for item in items:
             if isinstance(item, str):
-                prompts.append(Prompt(tokenize_text(served, item, param="prompt"), item))
+                prompts.append(Prompt(tokenize_text(engine, item, param="prompt"), item))
                 continue
             if any(token >= engine.info.n_vocab for token in item):
                 raise InvalidRequestError(
@@ -226,7 +229,7 @@ class CompletionService:
         generations: list[Generation] = []
         try:
             for jobs in prepared.jobs:
-                generations += start_jobs(prepared.served, jobs)
+                generations += start_jobs(prepared.parts.engine, prepared.served.id, jobs)
         except Exception:
             for generation in generations:
                 generation.cancel()
@@ -276,79 +279,78 @@ class CompletionService:
             usage=_usage(ordered, n),
         )
 
-    async def stream(
+    def stream(
         self, prepared: PreparedCompletion, generations: list[Generation], request_id: str
     ) -> AsyncIterator[str]:
         """Server-sent events: text chunks per choice (the echoed prompt first), a finish
-        chunk per choice, an optional usage chunk, ``[DONE]``."""
+        chunk per choice, an optional usage chunk, ``[DONE]`` (see
+        :func:`ggufserve.generation.streaming.sse_stream`)."""
+        return sse_stream(
+            generations, request_id, CompletionChunks(prepared, self._choices(prepared))
+        )
 
-        def chunk(choices: list[CompletionChoice], usage_: CompletionUsage | None = None) -> str:
-            body = Completion(
-                id=prepared.completion_id,
-                created=prepared.created,
-                model=prepared.served.id,
-                choices=choices,
-                usage=usage_,
-            )
-            return f"data: {body.model_dump_json()}\n\n"
 
-        choices = self._choices(prepared)
-        finished: dict[int, Finished] = {}
-        sent = [0] * len(choices)
-        want = prepared.logprobs is not None
-        try:
-            async for index, event in merged_events(generations):
-                choice = choices[index]
-                if isinstance(event, PromptLogprobs):
-                    choice.prompt_logprobs(event)
-                    continue
-                if isinstance(event, Failed):
-                    yield sse_json(failure(event, request_id).envelope())
-                    break
-                if not choice.text:
-                    text = choice.start()
-                    if text or choice.tokens:
-                        yield self._part(chunk, choice, index, text, sent, want)
-                if isinstance(event, TextDelta):
-                    choice.feed(event)
-                    yield self._part(chunk, choice, index, event.text, sent, want)
-                elif isinstance(event, Finished):
-                    finished[index] = event
-                    yield chunk(
-                        [CompletionChoice(index=index, text="", finish_reason=event.finish_reason)]
-                    )
-            else:
-                if prepared.include_usage:
-                    ordered = [finished[i] for i in range(len(generations))]
-                    yield chunk([], _usage(ordered, len(prepared.jobs[0])))
-            yield "data: [DONE]\n\n"
-        finally:
-            for generation in generations:
-                generation.cancel()
+class CompletionChunks(StreamWriter):
+    """A text completion's stream: per choice its echoed prompt (with ``echo``), its text
+    chunks, each carrying the logprobs of its tokens not sent yet, and a finish chunk; the
+    usage chunk last when asked."""
 
-    @staticmethod
-    def _part(
-        chunk: Callable[[list[CompletionChoice]], str],
-        choice: ChoiceAccumulator,
-        index: int,
-        text: str,
-        sent: list[int],
-        want: bool,
-    ) -> str:
-        """A text chunk carrying the logprobs of the choice's tokens not sent yet
-        (``sent[index]`` counts those already sent)."""
+    def __init__(self, prepared: PreparedCompletion, choices: list[ChoiceAccumulator]):
+        self._prepared = prepared
+        self._choices = choices
+        self._sent = [0] * len(choices)  # per choice: tokens whose logprobs went out
+
+    def _chunk(
+        self, choices: list[CompletionChoice], totals: CompletionUsage | None = None
+    ) -> Completion:
+        prepared = self._prepared
+        return Completion(
+            id=prepared.completion_id,
+            created=prepared.created,
+            model=prepared.served.id,
+            choices=choices,
+            usage=totals,
+        )
+
+    def on_event(
+        self, index: int, event: TextDelta | PromptLogprobs | Finished
+    ) -> list[Completion]:
+        choice = self._choices[index]
+        if isinstance(event, PromptLogprobs):
+            choice.prompt_logprobs(event)
+            return []
+        out = []
+        if not choice.text:
+            text = choice.start()
+            if text or choice.tokens:
+                out.append(self._part(index, text))
+        if isinstance(event, TextDelta):
+            choice.feed(event)
+            out.append(self._part(index, event.text))
+        else:
+            finish = CompletionChoice(index=index, text="", finish_reason=event.finish_reason)
+            out.append(self._chunk([finish]))
+        return out
+
+    def closing(self, finished: list[Finished]) -> list[Completion]:
+        if not self._prepared.include_usage:
+            return []
+        return [self._chunk([], _usage(finished, len(self._prepared.jobs[0])))]
+
+    def _part(self, index: int, text: str) -> Completion:
+        """A text chunk of choice ``index`` with the logprobs of its tokens not sent yet."""
         logprobs = None
-        if want:
-            full = choice.logprobs()
-            start = sent[index]
+        if self._prepared.logprobs is not None:
+            full = self._choices[index].logprobs()
+            start = self._sent[index]
             logprobs = CompletionLogprobs(
                 text_offset=full.text_offset[start:],
                 token_logprobs=full.token_logprobs[start:],
                 tokens=full.tokens[start:],
                 top_logprobs=full.top_logprobs[start:],
             )
-            sent[index] = len(full.tokens)
-        return chunk(
+            self._sent[index] = len(full.tokens)
+        return self._chunk(
             [CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=None)]
         )
 

@@ -16,55 +16,16 @@ from typing import Any
 from ggufserve.api.wire import ChatCompletionRequest, NamedToolChoice, ToolMessage
 from ggufserve.engine.base import GrammarSpec
 from ggufserve.errors import InvalidRequestError
-from ggufserve.families import gemma3, qwen3_vl
-from ggufserve.families.base import Family
+from ggufserve.families.base import Family, reasoning_tags
 from ggufserve.grammar import (
     JSON_OBJECT_GBNF,
-    CallSyntax,
     UnsupportedSchemaError,
     json_schema_gbnf,
     tool_calls_gbnf,
 )
 
-THINK_END = "</think>"
 # Calls in one reply when parallel calls are allowed (bounds a model that repeats its call).
 MAX_PARALLEL_CALLS = 8
-
-
-@dataclass(frozen=True)
-class FamilyCalls:
-    """How one family's calls look to the grammar: syntax and lazy-trigger regexes."""
-
-    syntax: CallSyntax
-    trigger_patterns: tuple[str, ...]
-    opener: str  # the text that opens a call; its token, if single, also triggers
-
-
-FAMILY_CALLS = {
-    "gemma3": FamilyCalls(
-        CallSyntax(
-            arguments_key=gemma3.GEMMA_ARGUMENTS_KEY,
-            call_prefix="",
-            call_suffix="",
-            separator=", ",
-            json_list=True,
-            closing="\n```",
-        ),
-        tuple(gemma3.GEMMA_TRIGGER_PATTERNS),
-        opener="",
-    ),
-    "qwen3_vl": FamilyCalls(
-        CallSyntax(
-            arguments_key=qwen3_vl.QWEN_ARGUMENTS_KEY,
-            call_prefix=qwen3_vl.QWEN_CALL_PREFIX,
-            call_suffix=qwen3_vl.QWEN_CALL_SUFFIX,
-            separator="\n",
-            json_list=False,
-        ),
-        tuple(qwen3_vl.QWEN_TRIGGER_PATTERNS),
-        opener="<tool_call>",
-    ),
-}
 
 
 @dataclass(frozen=True)
@@ -95,21 +56,20 @@ class ToolSelection:
         return {tool["function"]["name"] for tool in self.callable}
 
 
-def select_tools(body: ChatCompletionRequest, family: Family | None) -> ToolSelection:
-    """Validate ``tools`` / ``tool_choice`` / ``parallel_tool_calls`` and pick the tools.
+def select_tools(body: ChatCompletionRequest) -> ToolSelection:
+    """Validate ``tools`` / ``tool_choice`` / ``parallel_tool_calls`` and pick the tools
+    (no model needed: whether the model's family can call tools is the caller's check).
 
     Raises:
-        InvalidRequestError: tools for a model family without tool support, a forced
-            choice without tools, a named function that is not in ``tools``, duplicate
-            tool names, or tools together with a JSON ``response_format``.
+        InvalidRequestError: a forced choice without tools, a named function that is not
+            in ``tools``, duplicate tool names, or tools together with a JSON
+            ``response_format``.
     """
     tools = [tool.model_dump(exclude_none=True) for tool in body.tools or []]
     choice = body.tool_choice
     uses_turns = any(
         isinstance(m, ToolMessage) or getattr(m, "tool_calls", None) for m in body.messages
     )
-    if tools and family is None:
-        raise InvalidRequestError("This model's family has no tool-call format.", param="tools")
     names = [tool["function"]["name"] for tool in tools]
     if len(set(names)) != len(names):
         raise InvalidRequestError("Tool names must be unique.", param="tools")
@@ -148,43 +108,46 @@ def reply_grammar(
     family: Family | None,
     *,
     reasoning_open: bool,
-    opener_tokens: list[int],
 ) -> GrammarSpec | None:
     """The grammar for this reply, or None when output is free.
 
+    Calls follow ``family.call_syntax``; with ``tool_choice: auto`` the grammar is lazy,
+    triggered by ``family.trigger_patterns`` and ``family.trigger_tokens``.
+
     Args:
-        reasoning_open: The prompt ends inside ``<think>``: a forced call may only start
-            after ``</think>``.
-        opener_tokens: The family's call opener tokenized (used as a trigger token when it
-            is a single token).
+        reasoning_open: The prompt ends inside the family's reasoning tag: a forced call
+            or a JSON reply may only start after the closing tag.
 
     Raises:
         InvalidRequestError: a schema keyword the grammar cannot enforce (named), or a
             ``json_schema`` format without a schema.
     """
+    think_end = reasoning_tags(family).close
+    after_reasoning = (f"({re.escape(think_end)})",)
     if selection.callable and family is not None:
-        calls = FAMILY_CALLS[family.name]
+        syntax = family.call_syntax
         try:
             if selection.forced:
-                lead = THINK_END if reasoning_open else ""
+                lead = think_end if reasoning_open else ""
                 gbnf = tool_calls_gbnf(
-                    selection.callable, calls.syntax, max_calls=selection.max_calls, lead=lead
+                    selection.callable, syntax, max_calls=selection.max_calls, lead=lead
                 )
                 if not lead:
                     return GrammarSpec(gbnf)
-                return GrammarSpec(gbnf, trigger_patterns=(f"({re.escape(THINK_END)})",))
-            gbnf = tool_calls_gbnf(selection.callable, calls.syntax, max_calls=selection.max_calls)
+                return GrammarSpec(gbnf, trigger_patterns=after_reasoning)
+            gbnf = tool_calls_gbnf(selection.callable, syntax, max_calls=selection.max_calls)
         except UnsupportedSchemaError as exc:
             raise InvalidRequestError(str(exc), param="tools") from None
-        tokens = tuple(opener_tokens) if len(opener_tokens) == 1 else ()
-        return GrammarSpec(gbnf, trigger_patterns=calls.trigger_patterns, trigger_tokens=tokens)
+        return GrammarSpec(
+            gbnf, trigger_patterns=family.trigger_patterns, trigger_tokens=family.trigger_tokens
+        )
     spec = _format_grammar(body)
     if spec is None or not reasoning_open:
         return spec
     # A reasoning model thinks first: the JSON starts after </think> (lazy trigger).
     gbnf = re.sub(r"^root ::=", "json-reply ::=", spec.gbnf, count=1, flags=re.MULTILINE)
-    gbnf = f'root ::= "{THINK_END}" [ \\t\\n]* json-reply\n{gbnf}'
-    return GrammarSpec(gbnf, trigger_patterns=(f"({re.escape(THINK_END)})",))
+    gbnf = f'root ::= "{think_end}" [ \\t\\n]* json-reply\n{gbnf}'
+    return GrammarSpec(gbnf, trigger_patterns=after_reasoning)
 
 
 def _format_grammar(body: ChatCompletionRequest) -> GrammarSpec | None:

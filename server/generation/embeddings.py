@@ -9,35 +9,29 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Callable
-from typing import Annotated, Any, Literal, cast
+from typing import Annotated, Any, Literal
 
 import anyio.to_thread
 import numpy as np
 import numpy.typing as npt
 from pydantic import (
     BaseModel,
-    ConfigDict,
     Field,
     ValidationError,
     ValidatorFunctionWrapHandler,
     field_validator,
 )
 
-from ggufserve.api.wire import KeepAlive
+from ggufserve.api.wire import KeepAlive, PromptInput, StrictModel, input_items
 from ggufserve.engine.embedding import EmbeddingEngine
 from ggufserve.errors import ContextLengthExceededError, InvalidRequestError
 
-EmbeddingInput = str | list[str] | list[int] | list[list[int]]
 # Characters per token above which a text input cannot fit ``max_tokens``: real text
 # averages ~4, Gemma 3's longest token has 31 (Qwen's has 128; such inputs are junk).
 MAX_CHARS_PER_TOKEN = 32
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
-
-
-class EmbeddingRequest(_Strict):
+class EmbeddingRequest(StrictModel):
     """Body of ``POST /v1/embeddings``.
 
     ``input`` is one text, a list of texts, one list of token ids, or a list of them.
@@ -45,7 +39,7 @@ class EmbeddingRequest(_Strict):
     ``keep_alive`` (Ollama's) sets how long the model stays loaded once idle.
     """
 
-    input: EmbeddingInput
+    input: PromptInput
     model: str
     dimensions: Annotated[int, Field(ge=1)] | None = None
     encoding_format: Literal["float", "base64"] | None = None
@@ -54,10 +48,10 @@ class EmbeddingRequest(_Strict):
 
     @field_validator("input", mode="wrap")
     @classmethod
-    def _check_input(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> EmbeddingInput:
+    def _check_input(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> PromptInput:
         # One message for the union instead of one error per member type.
         try:
-            result: EmbeddingInput = handler(value)
+            result: PromptInput = handler(value)
         except ValidationError:
             raise ValueError(
                 "must be a string, an array of strings, an array of token ids or an array "
@@ -84,20 +78,12 @@ class EmbeddingResponse(BaseModel):
     usage: EmbeddingUsage
 
 
-def _as_inputs(value: EmbeddingInput) -> list[str | list[int]]:
-    """Normalise ``input`` to one item (a text or a token list) per embedding."""
-    if isinstance(value, str):
-        return [value]
-    if value and isinstance(value[0], int):
-        return [cast(list[int], value)]  # one list of token ids
-    return list(cast(list[str] | list[list[int]], value))
-
-
 def _check_chars(
-    items: list[str | list[int]], max_item_chars: int, max_total_chars: int | None
+    items: list[str | list[int]], max_item_chars: int | None, max_total_chars: int | None
 ) -> None:
-    """Refuse text inputs too long to tokenize: one that cannot fit ``max_tokens`` tokens,
-    or all of them together over ``max_total_chars``.
+    """Refuse text inputs too long to tokenize: one over ``max_item_chars`` (what cannot
+    fit the model's ``max_tokens`` tokens), or all of them together over
+    ``max_total_chars`` (None: no such bound).
 
     Raises:
         InvalidRequestError: naming ``input`` and the item at fault.
@@ -105,7 +91,7 @@ def _check_chars(
     total = 0
     for index, item in enumerate(items):
         if isinstance(item, str):
-            if len(item) > max_item_chars:
+            if max_item_chars is not None and len(item) > max_item_chars:
                 raise InvalidRequestError(
                     f"'input' item {index} has {len(item)} characters; this model embeds at "
                     f"most {max_item_chars} characters per input.",
@@ -128,11 +114,47 @@ def _encode(vector: npt.NDArray[np.float32], encoding_format: str | None) -> lis
 
 
 class EmbeddingService:
-    """Turn an :class:`EmbeddingRequest` into an :class:`EmbeddingResponse`."""
+    """Turn an :class:`EmbeddingRequest` into an :class:`EmbeddingResponse`.
+
+    Args:
+        max_inputs: Most inputs one request may carry.
+        max_total_chars: Most characters over all text inputs (None: no bound but the
+            per-input one, ``engine.max_tokens * MAX_CHARS_PER_TOKEN``).
+    """
+
+    def __init__(self, max_inputs: int, max_total_chars: int | None = None):
+        self._max_inputs = max_inputs
+        self._max_total_chars = max_total_chars
+
+    def check(self, body: EmbeddingRequest) -> list[str | list[int]]:
+        """The checks that need no model (run before it is leased, so a bad request never
+        waits for a load); returns the inputs, one item (text or token ids) per embedding.
+
+        Raises:
+            InvalidRequestError: ``input`` is empty, has more than ``max_inputs`` items, more
+                characters than ``max_total_chars`` (checked before tokenizing), or an empty
+                text or token list (param ``input``).
+        """
+        items = input_items(body.input)
+        if not items:
+            raise InvalidRequestError("'input' must not be empty.", param="input")
+        if len(items) > self._max_inputs:
+            raise InvalidRequestError(
+                f"'input' has {len(items)} items; at most {self._max_inputs} are allowed "
+                "per request.",
+                param="input",
+            )
+        _check_chars(items, None, self._max_total_chars)
+        for index, item in enumerate(items):
+            if not item:
+                what = "is an empty string" if isinstance(item, str) else "has no token ids"
+                raise InvalidRequestError(f"'input' item {index} {what}.", param="input")
+        return items
 
     async def create(
         self,
         body: EmbeddingRequest,
+        items: list[str | list[int]],
         *,
         engine: EmbeddingEngine,
         tokenize: Callable[[str], list[int]],
@@ -140,14 +162,13 @@ class EmbeddingService:
         bos_token_id: int,
         n_vocab: int,
         model_id: str,
-        max_inputs: int,
-        max_total_chars: int | None = None,
     ) -> EmbeddingResponse:
-        """Validate, tokenize and embed every input. Tokenizing and the decode run in
-        worker threads: the event loop only awaits.
+        """Validate (what needs the model), tokenize and embed every input. Tokenizing and
+        the decode run in worker threads: the event loop only awaits.
 
         Args:
             body: The parsed request.
+            items: Its inputs, as :meth:`check` returned them.
             engine: The model's embedding engine.
             tokenize: Text → token ids, without BOS.
             add_bos: Prepend ``bos_token_id`` to inputs that do not start with it (token-id
@@ -155,19 +176,15 @@ class EmbeddingService:
             bos_token_id: The model's BOS id.
             n_vocab: Vocabulary size; token ids must lie in ``[0, n_vocab)``.
             model_id: The id echoed in the response.
-            max_inputs: Most inputs one request may carry.
-            max_total_chars: Most characters over all text inputs (None: no bound but the
-                per-input one, ``engine.max_tokens * MAX_CHARS_PER_TOKEN``).
 
         Returns:
             One embedding per input, in order; usage counts every token decoded (BOS too).
 
         Raises:
             InvalidRequestError: ``dimensions`` differs from the model's width (param
-                ``dimensions``); ``input`` is empty, has more than ``max_inputs`` items, more
-                characters than the caps (checked before tokenizing), an empty text or token
-                list, text that cannot be encoded, or a token id out of range (param
-                ``input``).
+                ``dimensions``); an input has more characters than
+                ``engine.max_tokens * MAX_CHARS_PER_TOKEN`` (checked before tokenizing),
+                text that cannot be encoded, or a token id out of range (param ``input``).
             ContextLengthExceededError: an input has more than ``engine.max_tokens`` tokens
                 (param ``input``).
         """
@@ -177,15 +194,7 @@ class EmbeddingService:
                 f"be {engine.n_embd} or omitted (shortened embeddings are not supported).",
                 param="dimensions",
             )
-        items = _as_inputs(body.input)
-        if not items:
-            raise InvalidRequestError("'input' must not be empty.", param="input")
-        if len(items) > max_inputs:
-            raise InvalidRequestError(
-                f"'input' has {len(items)} items; at most {max_inputs} are allowed per request.",
-                param="input",
-            )
-        _check_chars(items, engine.max_tokens * MAX_CHARS_PER_TOKEN, max_total_chars)
+        _check_chars(items, engine.max_tokens * MAX_CHARS_PER_TOKEN, None)
 
         def tokenize_all() -> list[list[int]]:
             return [
@@ -230,10 +239,6 @@ class EmbeddingService:
         n_vocab: int,
     ) -> list[int]:
         if isinstance(item, str):
-            if not item:
-                raise InvalidRequestError(
-                    f"'input' item {index} is an empty string.", param="input"
-                )
             try:
                 tokens = tokenize(item)
             except UnicodeEncodeError:
@@ -241,8 +246,6 @@ class EmbeddingService:
                     f"'input' item {index} is not valid Unicode text.", param="input"
                 ) from None
         else:
-            if not item:
-                raise InvalidRequestError(f"'input' item {index} has no token ids.", param="input")
             bad = next((token for token in item if not 0 <= token < n_vocab), None)
             if bad is not None:
                 raise InvalidRequestError(

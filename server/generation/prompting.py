@@ -15,6 +15,7 @@ from ggufserve.api.wire import (
     ToolMessage,
 )
 from ggufserve.engine.base import ModelInfo
+from ggufserve.engine.llama import LlamaEngine
 from ggufserve.engine.special_tokens import (
     PRIVATE,
     Placeholders,
@@ -22,8 +23,8 @@ from ggufserve.engine.special_tokens import (
     SpecialTokens,
 )
 from ggufserve.errors import InvalidRequestError
-from ggufserve.generation.templates import IMAGE_PLACEHOLDERS, ChatTemplate, ChatTemplateError
-from ggufserve.models.registry import ServedModel
+from ggufserve.families import FAMILIES
+from ggufserve.generation.templates import ChatTemplate, ChatTemplateError
 
 
 @dataclass(frozen=True)
@@ -225,7 +226,7 @@ def invalid_unicode(param: str = "messages") -> InvalidRequestError:
 
 
 def tokenize_text(
-    served: ServedModel, text: str | PromptText, *, param: str = "messages"
+    engine: LlamaEngine, text: str | PromptText, *, param: str = "messages"
 ) -> list[int]:
     """Tokenize prompt text with exactly one BOS. A rendered prompt's placeholders become
     their spellings as plain text; a plain string (a ``/v1/completions`` prompt) is
@@ -235,12 +236,11 @@ def tokenize_text(
         InvalidRequestError: the text holds unpaired surrogates, or more characters than
             ``n_ctx`` tokens could spell (checked before tokenizing).
     """
-    assert served.engine is not None
-    info = served.engine.info
+    info = engine.info
     prompt = text if isinstance(text, PromptText) else PromptText(text, {})
     _check_length(prompt.text, info, param)
     try:
-        tokens = served.engine.tokenize(prompt.text, prompt.restore)
+        tokens = engine.tokenize(prompt.text, prompt.restore)
     except UnicodeEncodeError:
         raise invalid_unicode(param) from None
     # The template normally writes BOS itself; add it only where it did not.
@@ -249,7 +249,7 @@ def tokenize_text(
     return tokens
 
 
-def tokenize_media(served: ServedModel, text: str | PromptText, images: list[Any]) -> Any:
+def tokenize_media(engine: LlamaEngine, text: str | PromptText, images: list[Any]) -> Any:
     """Put mtmd's marker where the template placed each image, tokenize text (as
     :func:`tokenize_text` does) and images.
 
@@ -258,18 +258,18 @@ def tokenize_media(served: ServedModel, text: str | PromptText, images: list[Any
             sent, the text holds unpaired surrogates or is longer than ``n_ctx`` tokens
             could spell.
     """
-    engine = served.engine
-    assert engine is not None
     prompt = text if isinstance(text, PromptText) else PromptText(text, {})
     _check_length(prompt.text, engine.info, "messages")
     text = prompt.text
-    placeholder, replacement = IMAGE_PLACEHOLDERS.get(engine.info.architecture, ("", ""))
-    if not placeholder or text.count(placeholder) != len(images):
+    family = FAMILIES.get(engine.info.architecture)
+    placeholder = family.image_placeholder if family is not None else None
+    placed = placeholder.place(text, len(images), engine.media_marker) if placeholder else None
+    if placed is None:
         raise InvalidRequestError(
             "The model's chat template does not place the images of this request.",
             param="messages",
         )
-    text = text.replace(placeholder, replacement.format(marker=engine.media_marker))
+    text = placed
     try:
         return engine.tokenize_media(text, images, prompt.restore)
     except UnicodeEncodeError:

@@ -8,24 +8,26 @@ from typing import Any
 from ggufserve.api.wire import ChatCompletionRequest, CompletionRequest
 from ggufserve.engine.base import SamplingParams
 from ggufserve.errors import InvalidRequestError
-from ggufserve.models.registry import ServedModel
+from ggufserve.settings import SamplingDefaults
 
 # llama.cpp treats seed 0xFFFFFFFF as "pick a random seed" (LLAMA_DEFAULT_SEED).
 SEED_MODULUS = 2**32 - 1
 
 
 def sampling_params(
-    body: ChatCompletionRequest | CompletionRequest, served: ServedModel, n_choices: int = 1
+    body: ChatCompletionRequest | CompletionRequest,
+    defaults: SamplingDefaults,
+    n_vocab: int,
+    n_choices: int = 1,
 ) -> list[SamplingParams]:
-    """One :class:`SamplingParams` per choice: request values over the model's defaults,
-    a random seed unless one is given; choice ``i`` uses seed + ``i`` so that the ``n``
-    choices of a seeded request differ from each other and are reproducible.
+    """One :class:`SamplingParams` per choice: request values over the model's defaults
+    (its entry's ``sampling``), a random seed unless one is given; choice ``i`` uses
+    seed + ``i`` so that the ``n`` choices of a seeded request differ from each other and
+    are reproducible. ``n_vocab``: the model's vocabulary size.
 
     Raises:
         InvalidRequestError: a ``logit_bias`` token id is outside the vocabulary.
     """
-    defaults = served.entry.sampling
-    n_vocab = served.engine.info.n_vocab if served.engine else 0
     bias: dict[int, float] = {}
     for key, value in (body.logit_bias or {}).items():
         token = int(key)

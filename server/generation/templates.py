@@ -1,5 +1,5 @@
-"""Chat templates: GGUF-embedded Jinja rendered in a bounded sandbox, with per-architecture
-fallbacks for files that carry none.
+"""Chat templates: GGUF-embedded Jinja rendered in a bounded sandbox, with the family's
+fallback for files that carry none.
 
 A GGUF's ``tokenizer.chat_template`` is untrusted code. It is rendered in Jinja's
 ``ImmutableSandboxedEnvironment`` (no attribute access to internals, no mutation of
@@ -21,24 +21,7 @@ from jinja2 import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from ggufserve.engine.special_tokens import PRIVATE
-
-# llama.cpp `general.architecture` → fallback template shipped in server/families/chat_templates/.
-FALLBACK_TEMPLATES = {
-    "gemma3": "gemma3.jinja",
-    "qwen3vl": "qwen3vl.jinja",
-    "qwen3vlmoe": "qwen3vl.jinja",
-}
-# What a template renders for an image part, and what replaces it around mtmd's marker.
-# Gemma3Processor (transformers) writes "\n\n<start_of_image>[image]<end_of_image>\n\n";
-# mtmd adds <start_of_image>/<end_of_image> itself, so only the newlines are ours.
-# Qwen3VLProcessor expands <|image_pad|> between <|vision_start|>/<|vision_end|>, which
-# mtmd also adds itself: the whole group becomes the marker.
-QWEN3VL_IMAGE = ("<|vision_start|><|image_pad|><|vision_end|>", "{marker}")
-IMAGE_PLACEHOLDERS = {
-    "gemma3": ("<start_of_image>", "\n\n{marker}\n\n"),
-    "qwen3vl": QWEN3VL_IMAGE,
-    "qwen3vlmoe": QWEN3VL_IMAGE,
-}
+from ggufserve.families import FAMILIES
 
 
 class ChatTemplateError(Exception):
@@ -116,8 +99,10 @@ def shipped_template(name: str) -> str:
 
 
 def fallback_template(architecture: str) -> str | None:
-    """The shipped template for a llama.cpp architecture name, or None if there is none."""
-    name = FALLBACK_TEMPLATES.get(architecture)
+    """The source of the fallback template of the family serving a llama.cpp architecture
+    name, or None where no family serves it or the family has none."""
+    family = FAMILIES.get(architecture)
+    name = family.fallback_template if family is not None else None
     return None if name is None else shipped_template(name)
 
 

@@ -3,8 +3,9 @@ budget, and unloads models whose keep_alive has run out (checked every
 :data:`TICK_S`). Rules: see :mod:`ggufserve.models.registry`.
 
 Every load and unload happens on this one thread, so the memory accounting (the loaded
-models' estimates) never races a second load. State changes happen under the lock the
-registry shares; blocking work (resolving files, llama.cpp loads, freeing) outside it.
+models' estimates) never races a second load. State changes happen under the lock its
+owner shares (:class:`LoaderContext`); blocking work (resolving files, llama.cpp loads,
+freeing) outside it. The loader knows its owner only through that context.
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ import logging
 import queue
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Future
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 from ggufserve.engine.base import ModelLoadError
 from ggufserve.errors import InsufficientMemoryError, ModelTooLargeError, ModelUnavailableError
@@ -26,10 +28,7 @@ from ggufserve.models.heap import freeze_long_lived, thaw
 from ggufserve.models.loading import LoadedParts, load_parts, model_paths
 from ggufserve.models.memory import Resident, estimate_bytes, mib, plan_eviction
 from ggufserve.models.served_model import LOAD_RETRY_S, ModelState, ServedModel
-from ggufserve.settings import ModelsFileError
-
-if TYPE_CHECKING:
-    from ggufserve.models.registry import ModelRegistry
+from ggufserve.settings import ModelsFileError, ServerSettings
 
 log = logging.getLogger(__name__)
 
@@ -51,12 +50,35 @@ def _settle(future: Future[None], error: BaseException | None = None) -> None:
             future.set_exception(error)
 
 
-class Loader:
-    """Owns the loader thread and the lock guarding every model's lifecycle fields."""
+@dataclass(frozen=True)
+class LoaderContext:
+    """What the loader may see and change of its owner's models.
 
-    def __init__(self, registry: ModelRegistry):
-        self.registry = registry
-        self.lock = threading.Lock()
+    Attributes:
+        lock: Guards every model's lifecycle fields (the owner's and the loader's).
+        settings: Server settings (memory budget, queue size, template bounds).
+        models: Every model seen so far (called with ``lock`` held).
+        default_keep_alive: A model's keep_alive once it is unloaded (seconds, -1 forever).
+        hold_files: Pins a model's files while it is loaded (e.g. against the store's
+            removal); returns the function that lets them go.
+        stats: Counters the loader adds to (``loads``, ``load_failures``,
+            ``unloads_<reason>``), under ``lock``.
+    """
+
+    lock: threading.Lock
+    settings: ServerSettings
+    models: Callable[[], list[ServedModel]]
+    default_keep_alive: Callable[[ServedModel], float]
+    hold_files: Callable[[ServedModel], Callable[[], None]]
+    stats: Counter[str]
+
+
+class Loader:
+    """Owns the loader thread; ``context`` is all it knows of the models' owner."""
+
+    def __init__(self, context: LoaderContext):
+        self._context = context
+        self.lock = context.lock
         self._queue: queue.SimpleQueue[ServedModel | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
@@ -96,7 +118,7 @@ class Loader:
         recent = failed_at is not None and time.monotonic() - failed_at < LOAD_RETRY_S
         if served.state is ModelState.FAILED and recent:
             raise served.failed_error()
-        budget = self.registry.settings.max_memory
+        budget = self._context.settings.max_memory
         if budget is not None and (served.memory_bytes or 0) > budget:
             raise self._too_large(served, budget)
         return self.schedule(served)
@@ -147,7 +169,7 @@ class Loader:
                 served.state, served.loading, served.settled = ModelState.READY, None, True
                 served.failed_at = None
                 served.last_used = time.monotonic()
-                self.registry.stats["loads"] += 1
+                self._context.stats["loads"] += 1
         if stopping:
             self._free(served, (parts, release), "shutdown")
             _settle(future, _draining())
@@ -168,32 +190,26 @@ class Loader:
             ModelUnavailableError: too large, or no room beside busy models.
             ModelsFileError / ModelLoadError / ChatTemplateError / OSError: a failed load.
         """
-        registry = self.registry
         entry = served.entry
         paths = model_paths(entry, served.base_dir)
         if served.memory_bytes is None:
             n_contexts = 2 if entry.embeddings else 1
             served.memory_bytes = estimate_bytes(*paths, n_ctx=entry.n_ctx, n_contexts=n_contexts)
         self._make_room(served)
-        release = self._hold(served)
+        release = self._context.hold_files(served)
         try:
             progress = LoadProgress(served, log)
-            return load_parts(entry, served.base_dir, paths, registry.settings, progress), release
+            settings = self._context.settings
+            return load_parts(entry, served.base_dir, paths, settings, progress), release
         except BaseException:
             release()
             raise
-
-    def _hold(self, served: ServedModel) -> Callable[[], None]:
-        catalog = self.registry.catalog
-        if not served.from_catalog or catalog is None:
-            return lambda: None
-        return catalog.hold(served.id)
 
     def _failed(self, served: ServedModel, future: Future[None]) -> None:
         with self.lock:
             served.state, served.loading, served.settled = ModelState.FAILED, None, True
             served.failed_at = time.monotonic()
-            self.registry.stats["load_failures"] += 1
+            self._context.stats["load_failures"] += 1
             error = served.failed_error()
         _settle(future, error)
 
@@ -211,7 +227,7 @@ class Loader:
             ModelTooLargeError: its estimate exceeds the budget on its own.
             InsufficientMemoryError: busy models hold too much of the budget.
         """
-        budget = self.registry.settings.max_memory
+        budget = self._context.settings.max_memory
         need = served.memory_bytes or 0
         if budget is None:
             return
@@ -219,7 +235,7 @@ class Loader:
             raise self._too_large(served, budget)
         with self.lock:
             loaded = [
-                m for m in self.registry.known() if m.state is ModelState.READY and m is not served
+                m for m in self._context.models() if m.state is ModelState.READY and m is not served
             ]
             residents = [
                 Resident(m.id, m.memory_bytes or 0, m.in_flight > 0, m.last_used) for m in loaded
@@ -242,7 +258,7 @@ class Loader:
         with self.lock:
             doomed = [
                 (m, m.detach())
-                for m in self.registry.known()
+                for m in self._context.models()
                 if m.state is ModelState.READY
                 and not m.in_flight
                 and m.keep_alive_s >= 0
@@ -270,8 +286,8 @@ class Loader:
         with self.lock:
             # A later load starts from the default: a last request's keep_alive 0 would
             # otherwise unload it before a client that did not wait for the load returns.
-            served.keep_alive_s = self.registry.default_keep_alive(served)
-            self.registry.stats[f"unloads_{reason}"] += 1
+            served.keep_alive_s = self._context.default_keep_alive(served)
+            self._context.stats[f"unloads_{reason}"] += 1
         log.info("model '%s' unloaded (%s)", served.id, reason.replace("_", " "))
 
     # ---- shutdown -------------------------------------------------------------------
@@ -283,14 +299,15 @@ class Loader:
         if self._thread is not None:
             self._thread.join(STOP_WAIT_S)
         with self.lock:
-            waiting = [m for m in self.registry.known() if m.loading is not None]
+            known = self._context.models()
+            waiting = [m for m in known if m.loading is not None]
             for served in waiting:
                 if served.state is ModelState.LOADING:
                     served.state = ModelState.AVAILABLE
             futures = [m.loading for m in waiting]
             for served in waiting:
                 served.loading = None
-            doomed = [(m, m.detach()) for m in self.registry.known() if m.state is ModelState.READY]
+            doomed = [(m, m.detach()) for m in known if m.state is ModelState.READY]
         for future in futures:
             if future is not None:
                 _settle(future, _draining())

@@ -26,8 +26,9 @@ from ggufserve.settings import ModelEntry, ModelsFileError, ServerSettings
 class LoadedParts:
     """What a loaded model holds. ``tool_template`` renders requests with tools or tool
     turns (the family's shipped tool-aware template where the model's own has no tools,
-    e.g. Gemma 3); ``family`` parses tool calls and reasoning (None: an architecture
-    without tool support); ``embedder`` serves ``/v1/embeddings`` when the entry asks."""
+    e.g. Gemma 3); ``family`` (bound to this model's vocabulary) writes and parses tool
+    calls and reasoning (None: an architecture no family serves, without tool support);
+    ``embedder`` serves ``/v1/embeddings`` when the entry asks."""
 
     engine: LlamaEngine
     template: ChatTemplate
@@ -84,7 +85,8 @@ def load_parts(
     )
     try:
         template = _template(entry, base_dir, engine, settings)
-        family = family_for(engine.info.architecture)
+        # The family's trigger token is looked up here, once per load.
+        family = family_for(engine.info.architecture, engine.tokenize)
         tool_source = family.tool_template if family else None
         tool_template = (
             _compile(shipped_template(tool_source), engine, settings) if tool_source else template

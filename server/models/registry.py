@@ -27,15 +27,17 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 from ggufserve.api.wire import FOREVER
 from ggufserve.errors import ModelNotFoundError
 from ggufserve.models.catalog import ModelCatalog
-from ggufserve.models.loader import Loader
-from ggufserve.models.served_model import LOAD_RETRY_S, ModelState, ServedModel
+from ggufserve.models.loader import Loader, LoaderContext
+from ggufserve.models.served_model import LOAD_RETRY_S, Lease, ModelState, ServedModel
 from ggufserve.settings import ModelEntry, ModelsFileError, ServerSettings
 
 log = logging.getLogger(__name__)
@@ -43,22 +45,6 @@ log = logging.getLogger(__name__)
 # Clients such as mistral.rs examples send model="default"; it names the default model.
 DEFAULT_ALIAS = "default"
 __all__ = ["DEFAULT_ALIAS", "LOAD_RETRY_S", "Lease", "ModelRegistry", "ModelState", "ServedModel"]
-
-
-class Lease:
-    """A request's hold on a ready model: the model is not unloaded until every lease
-    on it is released (idempotent). Release it when the response has been sent, for a
-    stream when its last event is out."""
-
-    def __init__(self, registry: ModelRegistry, served: ServedModel):
-        self.registry = registry
-        self.served = served
-        self._released = False
-
-    def release(self) -> None:
-        if not self._released:
-            self._released = True
-            self.registry._release(self.served, used=True)
 
 
 class ModelRegistry:
@@ -91,8 +77,17 @@ class ModelRegistry:
         startup_ids = [e.id for e in entries] if preload is None else list(preload)
         self._default_id = startup_ids[0] if startup_ids else next(iter(self._models), None)
         self.stats: Counter[str] = Counter()
-        self._loader = Loader(self)
-        self.lock = self._loader.lock
+        self.lock = threading.Lock()
+        self._loader = Loader(
+            LoaderContext(
+                lock=self.lock,
+                settings=settings,
+                models=self.known,
+                default_keep_alive=self.default_keep_alive,
+                hold_files=self._hold_files,
+                stats=self.stats,
+            )
+        )
         for model_id in startup_ids:
             served = self._lookup(model_id)
             if served is None:
@@ -160,21 +155,6 @@ class ModelRegistry:
             raise ModelNotFoundError(model_id)
         return served
 
-    def get(self, model_id: str) -> ServedModel:
-        """The ready model with this id (callers hold a :class:`Lease` on it, so that it
-        stays loaded while they use it).
-
-        Raises:
-            ModelNotFoundError: no such id is served.
-            ModelUnavailableError: the model is not loaded, or failed to load.
-        """
-        served = self.lookup(model_id)
-        if served.state is ModelState.FAILED:
-            raise served.failed_error()
-        if served.state is not ModelState.READY:
-            raise served.loading_error()
-        return served
-
     def _lookup(self, model_id: str) -> ServedModel | None:
         key = self._default_id if model_id == DEFAULT_ALIAS else model_id
         if key is None:
@@ -211,6 +191,12 @@ class ModelRegistry:
                 served.keep_alive_s = self.default_keep_alive(served)
                 self._models[entry.id] = served
 
+    def _hold_files(self, served: ServedModel) -> Callable[[], None]:
+        """Keep the store from removing a catalog model's files while it is loaded."""
+        if not served.from_catalog or self._catalog is None:
+            return lambda: None
+        return self._catalog.hold(served.id)
+
     def default_keep_alive(self, served: ServedModel) -> float:
         """The entry's keep_alive, else forever for start-up models, else the server's."""
         if served.entry.keep_alive is not None:
@@ -244,10 +230,10 @@ class ModelRegistry:
         try:
             while True:
                 with self.lock:
-                    if served.state is ModelState.READY:
+                    if served.state is ModelState.READY and served.parts is not None:
                         default = self.default_keep_alive(served)
                         served.keep_alive_s = default if keep_alive_s is None else keep_alive_s
-                        return Lease(self, served)
+                        return Lease(served, served.parts, lambda: self._release(served, used=True))
                     pending = self._loader.request_load(served)
                 remaining = deadline - loop.time()
                 if remaining <= 0:

@@ -10,11 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ggufserve.api.wire import FOREVER
-from ggufserve.engine.embedding import EmbeddingEngine
-from ggufserve.engine.llama import LlamaEngine
 from ggufserve.errors import ModelUnavailableError
-from ggufserve.families.base import Family
-from ggufserve.generation.templates import ChatTemplate
 from ggufserve.models.loading import LoadedParts
 from ggufserve.settings import ModelEntry
 
@@ -33,8 +29,10 @@ class ModelState(str, enum.Enum):
 
 @dataclass
 class ServedModel:
-    """One served entry (``models.yaml`` or catalog) and, while loaded, its engine,
-    chat templates, tool family and embedding engine (see :class:`LoadedParts`).
+    """One served entry (``models.yaml`` or catalog) and, while loaded, its ``parts``
+    (engine, chat templates, tool family, embedding engine: :class:`LoadedParts`; None
+    while not loaded). ``serves_tools``: the last load found a tool-call family (kept
+    after unloading: ``/v1/models`` lists the capability).
 
     The lifecycle fields are guarded by the registry's lock: ``in_flight`` counts the
     requests using the model or waiting for it to load; ``last_used`` (monotonic) is when
@@ -46,11 +44,8 @@ class ServedModel:
     base_dir: Path
     created: int = field(default_factory=lambda: int(time.time()))
     state: ModelState = ModelState.AVAILABLE
-    engine: LlamaEngine | None = None
-    template: ChatTemplate | None = None
-    tool_template: ChatTemplate | None = None
-    family: Family | None = None
-    embedder: EmbeddingEngine | None = None
+    parts: LoadedParts | None = None
+    serves_tools: bool = False
     startup: bool = False
     from_catalog: bool = False
     # The first load attempt of a start-up model has ended (/health waits for it).
@@ -63,7 +58,6 @@ class ServedModel:
     load_progress: float | None = None
     failed_at: float | None = None
     loading: Future[None] | None = None
-    parts: LoadedParts | None = None
     release_files: Callable[[], None] | None = None
 
     @property
@@ -89,15 +83,12 @@ class ServedModel:
         return None if remaining is None else time.time() + remaining
 
     def attach(self, parts: LoadedParts) -> None:
-        self.parts, self.engine, self.embedder = parts, parts.engine, parts.embedder
-        self.template, self.tool_template = parts.template, parts.tool_template
-        self.family = parts.family  # kept after unloading: capabilities list "tools"
+        self.parts, self.serves_tools = parts, parts.family is not None
 
     def detach(self) -> tuple[LoadedParts | None, Callable[[], None] | None]:
         """Forget the loaded parts (state ``available``); the caller frees them."""
         out = (self.parts, self.release_files)
-        self.parts = self.engine = self.embedder = self.template = self.tool_template = None
-        self.release_files = None
+        self.parts = self.release_files = None
         self.state = ModelState.AVAILABLE
         return out
 
@@ -115,3 +106,26 @@ class ServedModel:
             code="model_load_failed",
             retry_after_s=max(1, int(LOAD_RETRY_S - waited + 0.999)),
         )
+
+
+class Lease:
+    """A request's hold on a ready model: ``served`` (its entry and id) and ``parts``, the
+    loaded engine and templates as they were when the lease was taken. The model is not
+    unloaded until every lease on it is released (idempotent). Release it when the response
+    has been sent, for a stream when its last event is out.
+
+    Args:
+        served: The leased model.
+        parts: Its loaded parts.
+        on_release: Called once, by the first :meth:`release`.
+    """
+
+    def __init__(self, served: ServedModel, parts: LoadedParts, on_release: Callable[[], None]):
+        self.served = served
+        self.parts = parts
+        self._on_release: Callable[[], None] | None = on_release
+
+    def release(self) -> None:
+        on_release, self._on_release = self._on_release, None
+        if on_release is not None:
+            on_release()

@@ -22,7 +22,8 @@ from ggufserve.converters.convert import ConversionResult
 from ggufserve.engine.media import Mtmd
 from ggufserve.generation.images import LoadedImage
 from ggufserve.generation.prompting import TemplateInput, render, tokenize_media
-from ggufserve.models.registry import ModelRegistry, ServedModel
+from ggufserve.models.loading import LoadedParts
+from ggufserve.models.registry import ModelRegistry
 from ggufserve.settings import ModelEntry, ServerSettings
 from tests.converters.qwen_builders import IMAGE_PAD_ID
 
@@ -39,7 +40,7 @@ def loaded(image: np.ndarray) -> LoadedImage:
 @pytest.fixture(scope="module")
 def served(
     converted: dict[str, ConversionResult], qwen_converted: dict[str, ConversionResult]
-) -> Iterator[dict[str, ServedModel]]:
+) -> Iterator[dict[str, LoadedParts]]:
     results = {
         "gemma3": converted["mm-f32"],
         "qwen3vl": qwen_converted["dense-f32"],
@@ -59,17 +60,17 @@ def served(
     registry = ModelRegistry(entries, Path("."), ServerSettings())
     registry.start_loading()
     registry.wait_loaded(timeout_s=120)
-    yield {name: registry.get(name) for name in results}
+    loaded = {name: registry.lookup(name).parts for name in results}
+    yield {name: parts for name, parts in loaded.items() if parts is not None}
     registry.close()
 
 
 def server_layout(
-    model: ServedModel, messages: list[dict[str, Any]], images: list[Any]
+    model: LoadedParts, messages: list[dict[str, Any]], images: list[Any]
 ) -> list[int]:
     """Token ids of the server's prompt, each image embedding row as ``IMAGE``."""
-    assert model.template is not None
     text = render(model.template, TemplateInput(messages, []))
-    prompt = tokenize_media(model, text, [loaded(i) for i in images])
+    prompt = tokenize_media(model.engine, text, [loaded(i) for i in images])
     layout: list[int] = []
     for index in range(mtmd_cpp.mtmd_input_chunks_size(prompt.chunks)):
         chunk = mtmd_cpp.mtmd_input_chunks_get(prompt.chunks, index)
@@ -92,7 +93,7 @@ def conversation(n_images: int) -> list[dict[str, Any]]:
 
 
 def test_gemma3_layout_matches_gemma3_processor(
-    served: dict[str, ServedModel], gemma3_mm_ckpt: Path
+    served: dict[str, LoadedParts], gemma3_mm_ckpt: Path
 ) -> None:
     from transformers import AutoImageProcessor, AutoTokenizer, Gemma3Processor
 
@@ -124,7 +125,7 @@ def test_gemma3_layout_matches_gemma3_processor(
 
 @pytest.mark.parametrize("arch", ["qwen3vl", "qwen3vlmoe"])
 def test_qwen3vl_layout_matches_qwen3vl_processor(
-    served: dict[str, ServedModel], qwen_ckpt: dict[str, Path], arch: str
+    served: dict[str, LoadedParts], qwen_ckpt: dict[str, Path], arch: str
 ) -> None:
     """Qwen3VLProcessor (which needs torchvision to build here) replaces each
     <|image_pad|> by grid_t·grid_h·grid_w / merge² copies; that step is reproduced on the

@@ -76,6 +76,7 @@ def doctor(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
     )  # fmt: skip
 
 
+@pytest.mark.model  # the smoke generation loads the repository's models.yaml model
 def test_doctor_prints_the_build_and_a_passing_generation():
     done = doctor()
     assert done.returncode == 0, done.stdout + done.stderr

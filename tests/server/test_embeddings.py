@@ -86,16 +86,17 @@ def token_means(model: _internals.LlamaModel, ids: list[int]) -> np.ndarray:
 
 def create(engine: EmbeddingEngine, model: _internals.LlamaModel, **body: Any) -> Any:
     request = EmbeddingRequest.model_validate({"model": "gemma", **body})
+    service = EmbeddingService(max_inputs=MAX_INPUTS)
     return asyncio.run(
-        EmbeddingService().create(
+        service.create(
             request,
+            service.check(request),
             engine=engine,
             tokenize=lambda text: model.tokenize(text.encode(), add_bos=False, special=True),
             add_bos=True,
             bos_token_id=model.token_bos(),
             n_vocab=model.n_vocab(),
             model_id="gemma",
-            max_inputs=MAX_INPUTS,
         )
     )
 

@@ -23,8 +23,7 @@ from ggufserve.families import (
     parse_reply,
     prompt_opens_reasoning,
 )
-from ggufserve.families.gemma3 import GEMMA_TRIGGER_PATTERNS
-from ggufserve.families.qwen3_vl import QWEN_CALL_PREFIX, QWEN_CALL_SUFFIX, QWEN_TRIGGER_PATTERNS
+from ggufserve.families.qwen3_vl import QWEN_CALL_PREFIX, QWEN_CALL_SUFFIX
 from ggufserve.families.reasoning import find_marker
 from ggufserve.generation.templates import ChatTemplate, ChatTemplateError, shipped_template
 
@@ -316,17 +315,17 @@ def test_family_for() -> None:
 
 def test_trigger_patterns_start_at_the_call() -> None:
     # llama.cpp: regex search; the grammar starts at the first non-empty group.
-    def start(patterns: list[str], text: str) -> int | None:
+    def start(patterns: tuple[str, ...], text: str) -> int | None:
         for pattern in patterns:
             found = re.search(pattern, text)
             if found:
                 return next(found.start(i) for i in range(1, found.re.groups + 1) if found[i])
         return None
 
-    assert start(QWEN_TRIGGER_PATTERNS, "Let me see.\n<tool_call>\n{") == 12
-    assert start(GEMMA_TRIGGER_PATTERNS, 'Ok.\n```json\n[\n {"name"') == 12
-    assert start(GEMMA_TRIGGER_PATTERNS, 'Ok. {"name"') == 4
-    assert start(GEMMA_TRIGGER_PATTERNS, 'Ok. {"city": "x"}') is None
+    assert start(Qwen3VL.trigger_patterns, "Let me see.\n<tool_call>\n{") == 12
+    assert start(Gemma3.trigger_patterns, 'Ok.\n```json\n[\n {"name"') == 12
+    assert start(Gemma3.trigger_patterns, 'Ok. {"name"') == 4
+    assert start(Gemma3.trigger_patterns, 'Ok. {"city": "x"}') is None
 
 
 # --- Templates -----------------------------------------------------------------------

@@ -25,7 +25,7 @@ from ggufserve.engine.base import Failed, GenerationRequest, GrammarSpec, Sampli
 from ggufserve.engine.llama import LlamaEngine
 from ggufserve.engine.sampling import GrammarDeadEnd, GrammarTooExpensive, TokenSampler
 from ggufserve.errors import InvalidRequestError
-from ggufserve.generation.chat_reply import failure
+from ggufserve.generation.streaming import failure
 from ggufserve.grammar import (
     UnsupportedSchemaError,
     check_schema,
