@@ -83,6 +83,13 @@ chromium:
 test: install $(STAMP_TEST) chromium
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# The tier that loads no model and starts no server (under 2 min on 2 cores): tests/conftest.py
+# marks each test with its folder and, by the fixtures it uses, `model`.
+FAST_TESTS := not model and not docker and not gpu
+.PHONY: test-fast
+test-fast: $(STAMP_TEST)
+	$(BIN)/python -m pytest -m "$(FAST_TESTS)" $(PYTEST_ARGS)
+
 # The schemathesis fuzz run of `make test` (tests/e2e/test_fuzz.py) with a longer budget:
 # FUZZ_EXAMPLES per operation and mode (1000: ~8 min on 2 cores), FUZZ_SEED to vary the cases.
 FUZZ_EXAMPLES ?= 1000
@@ -146,6 +153,17 @@ bench-convert: $(STAMP_TEST)
 .PHONY: gpu-kit
 gpu-kit: $(STAMP_TEST)
 	$(BIN)/python -m tests.gpu.kit --out build/gpu-kit
+
+# The CPU image (docker/Dockerfile.cpu) with docker, or podman where no Docker daemon
+# answers; a local Debian base where python:3.11-slim cannot be pulled (docs/builds-and-platforms.md).
+.PHONY: image image-test
+image:
+	LLAMA_CPP_PYTHON_VERSION=$(LLAMA_CPP_PYTHON_VERSION) docker/build-image.sh
+
+# Builds the image if needed (seconds from its cache), then tests it: /health, chat, image
+# chat, doctor, convert --help, SIGTERM drain, 2 replicas behind HAProxy (tests/docker).
+image-test: $(STAMP_TEST)
+	GGUFSERVE_IMAGE_TESTS=1 $(BIN)/python -m pytest tests/docker $(PYTEST_ARGS)
 
 # 50 mixed clients for 30 min (bundled model + tiny vision model): only 200/429, RSS growth
 # under 5 % after warm-up, healthy after. Never in CI nor `make test`. Shorter:

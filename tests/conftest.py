@@ -8,15 +8,21 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from importlib.resources import files
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 import yaml
 
+from ggufserve.converters.convert import convert
 from ggufserve.generation.templates import ChatTemplate, fallback_template
 from tests.converters.builders import (
     MM_TOKENS_PER_IMAGE,
@@ -33,6 +39,38 @@ STARTUP_TIMEOUT_S = 180
 # Gemma 3 ids of <eos> and <end_of_turn>: banning them forces generations to full length.
 GEMMA3_EOG_IDS = (1, 106)
 NO_EOG = {str(token): -100 for token in GEMMA3_EOG_IDS}
+# Model ids of the shared servers of the tiny converted models (``vision_server``,
+# ``qwen_server``).
+TINY_VISION = "tiny-vision"
+TINY_TEXT = "tiny-text"
+QWEN_INSTRUCT = "qwen-instruct"
+QWEN_THINKING = "qwen-thinking"
+# Each folder under tests/ marks its tests with its own name (markers in pyproject.toml).
+FOLDER_MARKERS = frozenset({"bench", "cli", "converters", "docker", "e2e", "gpu", "server", "web"})
+# Fixtures that reach a real GGUF or a tiny checkpoint, start a server, or load llama.cpp or
+# transformers models: a test using one (directly or through another fixture) is ``model``.
+MODEL_FIXTURES = frozenset(
+    {
+        "bundled_gguf",
+        "server_factory",
+        "gemma3_text_ckpt",
+        "gemma3_mm_ckpt",
+        "qwen_ckpt",
+        "gpu_models",
+    }
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark every test with its folder's marker and, when it loads a model, ``model``:
+    ``-m "not model"`` (``make test-fast``) is the tier that needs no model."""
+    tests = Path(__file__).resolve().parent
+    for item in items:
+        parts = item.path.resolve().relative_to(tests).parts
+        if len(parts) > 1 and parts[0] in FOLDER_MARKERS:
+            item.add_marker(parts[0])
+        if MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker("model")
 
 
 def fake_hub_cache(root: Path, repo: str, files: dict[str, Path]) -> Path:
@@ -233,3 +271,92 @@ def server(server_factory: Callable[..., RunningServer], bundled_gguf: Path) -> 
             "GGUFSERVE_MAX_QUEUED_REQUESTS": "8",
         },
     )
+
+
+@pytest.fixture(scope="session")
+def media(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, str]]:
+    """A media folder holding ``green.png``, also served over HTTP on loopback: (folder,
+    base URL)."""
+    from tests.e2e.test_vision import png
+
+    root = tmp_path_factory.mktemp("media")
+    (root / "green.png").write_bytes(png((0, 200, 0)))
+    handler = partial(SimpleHTTPRequestHandler, directory=str(root))
+    handler.log_message = lambda *args: None  # type: ignore[attr-defined]
+    http_server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=http_server.serve_forever, daemon=True)
+    thread.start()
+    yield root, f"http://127.0.0.1:{http_server.server_address[1]}"
+    http_server.shutdown()
+    http_server.server_close()
+
+
+@pytest.fixture(scope="session")
+def tiny_vision_models(
+    gemma3_mm_ckpt: Path, tmp_path_factory: pytest.TempPathFactory
+) -> list[dict[str, Any]]:
+    """The tiny Gemma 3 vision checkpoint converted by our converter: ``tiny-vision`` (text
+    GGUF + mmproj) and ``tiny-text`` (the same text GGUF alone, a text-only model)."""
+    result = convert(
+        str(gemma3_mm_ckpt), out_dir=tmp_path_factory.mktemp("tiny-vision"), name=TINY_VISION
+    )
+    assert result.mmproj is not None
+    return [
+        model_entry(TINY_VISION, result.text, mmproj={"path": str(result.mmproj)}),
+        model_entry(TINY_TEXT, result.text),
+    ]
+
+
+@pytest.fixture(scope="session")
+def vision_server(
+    tiny_vision_models: list[dict[str, Any]],
+    server_factory: Callable[..., RunningServer],
+    media: tuple[Path, str],
+) -> RunningServer:
+    """Both tiny Gemma 3 models, no API key, ``media`` as the local media root and loopback
+    image URLs allowed; shared by the e2e vision tests and the chat page's."""
+    return server_factory(
+        tiny_vision_models,
+        api_key=None,
+        env={
+            "GGUFSERVE_LOCAL_MEDIA_ROOT": str(media[0]),
+            "GGUFSERVE_ALLOWED_PRIVATE_NETWORKS": '["127.0.0.0/8"]',
+        },
+    )
+
+
+@pytest.fixture(scope="session")
+def qwen_server(
+    qwen_ckpt: dict[str, Path],
+    tmp_path_factory: pytest.TempPathFactory,
+    server_factory: Callable[..., RunningServer],
+) -> RunningServer:
+    """The tiny Qwen3-VL models converted by our converter, no API key: ``qwen-dense`` and
+    ``qwen-moe`` with their mmproj (n_ctx 4096); the dense text GGUF alone as
+    ``qwen-instruct`` and, with the shipped thinking template, ``qwen-thinking`` (2048)."""
+    out = tmp_path_factory.mktemp("tiny-qwen")
+    entries: list[dict[str, Any]] = []
+    texts: dict[str, str] = {}
+    for variant, ckpt in qwen_ckpt.items():
+        result = convert(str(ckpt), out_dir=out, name=f"qwen-{variant}")
+        assert result.mmproj is not None
+        texts[variant] = str(result.text)
+        entries.append(
+            {
+                "id": f"qwen-{variant}",
+                "gguf": {"path": str(result.text)},
+                "mmproj": {"path": str(result.mmproj)},
+                "n_ctx": 4096,
+            }
+        )
+    thinking = str(files("ggufserve.families") / "chat_templates" / "qwen3vl_thinking.jinja")
+    entries += [
+        {"id": QWEN_INSTRUCT, "gguf": {"path": texts["dense"]}, "n_ctx": 2048},
+        {
+            "id": QWEN_THINKING,
+            "gguf": {"path": texts["dense"]},
+            "n_ctx": 2048,
+            "chat_template_file": thinking,
+        },
+    ]
+    return server_factory(entries, api_key=None)

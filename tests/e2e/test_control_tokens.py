@@ -5,16 +5,14 @@ control tokens; a raw ``/v1/completions`` prompt keeps llama.cpp's parsing."""
 from __future__ import annotations
 
 import base64
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import llama_cpp
 import openai
 import pytest
 
-from ggufserve.converters.convert import convert
-from tests.conftest import RunningServer, gemma3_template
+from tests.conftest import TINY_VISION, RunningServer, gemma3_template
 from tests.e2e.conftest import MODEL
 from tests.e2e.test_vision import png
 
@@ -56,21 +54,8 @@ def test_raw_completion_prompt_keeps_control_tokens(
 
 
 @pytest.fixture(scope="module")
-def vision_sdk(
-    gemma3_mm_ckpt: Path,
-    tmp_path_factory: pytest.TempPathFactory,
-    server_factory: Callable[..., RunningServer],
-) -> Iterator[openai.OpenAI]:
-    result = convert(str(gemma3_mm_ckpt), out_dir=tmp_path_factory.mktemp("mm"), name="mm")
-    assert result.mmproj is not None
-    entry = {
-        "id": "mm",
-        "gguf": {"path": str(result.text)},
-        "mmproj": {"path": str(result.mmproj)},
-        "n_ctx": 2048,
-    }
-    server = server_factory([entry], api_key=None)
-    with openai.OpenAI(base_url=server.v1, api_key="unused", max_retries=0) as sdk:
+def vision_sdk(vision_server: RunningServer) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=vision_server.v1, api_key="unused", max_retries=0) as sdk:
         yield sdk
 
 
@@ -81,7 +66,7 @@ def image_prompt_tokens(sdk: openai.OpenAI, text: str) -> int:
         {"type": "text", "text": text},
     ]
     completion = sdk.chat.completions.create(
-        model="mm", messages=[{"role": "user", "content": content}], max_tokens=1
+        model=TINY_VISION, messages=[{"role": "user", "content": content}], max_tokens=1
     )
     assert completion.usage is not None
     return completion.usage.prompt_tokens

@@ -5,20 +5,17 @@ forced call is grammar-constrained even though the model itself emits noise."""
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
-from importlib.resources import files
-from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import openai
 import pytest
 
-from ggufserve.converters.convert import convert
-from tests.conftest import RunningServer
+from tests.conftest import QWEN_INSTRUCT, QWEN_THINKING, RunningServer
 
-THINKING = "qwen-thinking"
-INSTRUCT = "qwen-instruct"
+THINKING = QWEN_THINKING
+INSTRUCT = QWEN_INSTRUCT
 TOOL = {
     "type": "function",
     "function": {
@@ -37,24 +34,10 @@ TOOL = {
 
 
 @pytest.fixture(scope="module")
-def qwen(
-    qwen_ckpt: dict[str, Path],
-    tmp_path_factory: pytest.TempPathFactory,
-    server_factory: Callable[..., RunningServer],
-) -> RunningServer:
-    out = tmp_path_factory.mktemp("tiny-qwen-text")
-    result = convert(str(qwen_ckpt["dense"]), out_dir=out, name="qwen-dense")
-    thinking = str(files("ggufserve.families") / "chat_templates" / "qwen3vl_thinking.jinja")
-    entries = [
-        {"id": INSTRUCT, "gguf": {"path": str(result.text)}, "n_ctx": 2048},
-        {
-            "id": THINKING,
-            "gguf": {"path": str(result.text)},
-            "n_ctx": 2048,
-            "chat_template_file": thinking,
-        },
-    ]
-    return server_factory(entries, api_key=None)
+def qwen(qwen_server: RunningServer) -> RunningServer:
+    """The shared tiny Qwen3-VL server (tests/conftest.py): its ``qwen-instruct`` and
+    ``qwen-thinking`` are the dense text GGUF with the built-in and the thinking template."""
+    return qwen_server
 
 
 @pytest.fixture(scope="module")

@@ -5,11 +5,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
-import threading
 import time
-from collections.abc import Callable, Iterator
-from functools import partial
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +15,9 @@ import openai
 import pytest
 from PIL import Image
 
-from ggufserve.converters.convert import convert
-from tests.conftest import NO_EOG, RunningServer
+from tests.conftest import NO_EOG, TINY_VISION, RunningServer
 
-MODEL = "tiny-vision"
+MODEL = TINY_VISION  # served by the shared ``vision_server`` (tests/conftest.py)
 IMAGE_TOKENS = 16  # mm_tokens_per_image of the tiny checkpoint
 
 
@@ -42,47 +38,6 @@ def png(
 
 def data_uri(data: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(data).decode()
-
-
-@pytest.fixture(scope="module")
-def media(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, str]]:
-    """A media folder, also served over HTTP on loopback."""
-    root = tmp_path_factory.mktemp("media")
-    (root / "green.png").write_bytes(png((0, 200, 0)))
-    handler = partial(SimpleHTTPRequestHandler, directory=str(root))
-    handler.log_message = lambda *args: None  # type: ignore[attr-defined]
-    http_server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=http_server.serve_forever, daemon=True)
-    thread.start()
-    yield root, f"http://127.0.0.1:{http_server.server_address[1]}"
-    http_server.shutdown()
-    http_server.server_close()
-
-
-@pytest.fixture(scope="module")
-def vision_server(
-    gemma3_mm_ckpt: Path,
-    tmp_path_factory: pytest.TempPathFactory,
-    server_factory: Callable[..., RunningServer],
-    media: tuple[Path, str],
-) -> RunningServer:
-    out = tmp_path_factory.mktemp("tiny-vision")
-    result = convert(str(gemma3_mm_ckpt), out_dir=out, name=MODEL)
-    assert result.mmproj is not None
-    entry = {
-        "id": MODEL,
-        "gguf": {"path": str(result.text)},
-        "mmproj": {"path": str(result.mmproj)},
-        "n_ctx": 2048,
-    }
-    return server_factory(
-        [entry],
-        api_key=None,
-        env={
-            "GGUFSERVE_LOCAL_MEDIA_ROOT": str(media[0]),
-            "GGUFSERVE_ALLOWED_PRIVATE_NETWORKS": '["127.0.0.0/8"]',
-        },
-    )
 
 
 @pytest.fixture(scope="module")

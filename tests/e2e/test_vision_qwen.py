@@ -3,15 +3,13 @@ converter: M-RoPE image positions, deepstack rows and Qwen's image token layout.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import openai
 import pytest
 
-from ggufserve.converters.convert import convert
 from tests.conftest import RunningServer
 from tests.converters.test_qwen3vl_checkpoints import QWEN_NO_EOG
 from tests.e2e.test_vision import (
@@ -24,28 +22,6 @@ from tests.e2e.test_vision import (
 )
 
 VARIANTS = ["dense", "moe"]
-
-
-@pytest.fixture(scope="module")
-def qwen_server(
-    qwen_ckpt: dict[str, Path],
-    tmp_path_factory: pytest.TempPathFactory,
-    server_factory: Callable[..., RunningServer],
-) -> RunningServer:
-    out = tmp_path_factory.mktemp("tiny-qwen")
-    entries = []
-    for variant, ckpt in qwen_ckpt.items():
-        result = convert(str(ckpt), out_dir=out, name=f"qwen-{variant}")
-        assert result.mmproj is not None
-        entries.append(
-            {
-                "id": f"qwen-{variant}",
-                "gguf": {"path": str(result.text)},
-                "mmproj": {"path": str(result.mmproj)},
-                "n_ctx": 4096,
-            }
-        )
-    return server_factory(entries, api_key=None)
 
 
 @pytest.fixture(scope="module")

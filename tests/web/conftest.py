@@ -12,14 +12,14 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import httpx
 import pytest
 
-from tests.conftest import API_KEY, NO_EOG, RunningServer, model_entry
+from tests.conftest import API_KEY, NO_EOG, TINY_TEXT, TINY_VISION, RunningServer
 
 if TYPE_CHECKING:
     from playwright.sync_api import Browser, BrowserContext, Page, Playwright, Route
@@ -40,8 +40,9 @@ def browser_missing() -> str | None:
 
 
 MODEL = "gemma-3-270m"
-VISION = "tiny-vision"
-TEXT_ONLY = "tiny-text"
+# Served by the shared ``vision_server`` (tests/conftest.py).
+VISION = TINY_VISION
+TEXT_ONLY = TINY_TEXT
 VIEWPORT = {"width": 1280, "height": 720}
 UI_TIMEOUT_MS = 90_000  # generation on 2 busy cores can be slow
 
@@ -147,30 +148,3 @@ def metric(server: RunningServer, name: str, model: str = MODEL) -> float:
     text = httpx.get(f"{server.base_url}/metrics", headers=server.headers()).text
     match = re.search(rf'^{name}{{model="{model}"}} (\S+)$', text, re.MULTILINE)
     return float(match.group(1)) if match else 0.0
-
-
-@pytest.fixture(scope="session")
-def tiny_vision_models(
-    gemma3_mm_ckpt: Path, tmp_path_factory: pytest.TempPathFactory
-) -> list[dict[str, Any]]:
-    """The tiny Gemma 3 vision checkpoint converted by our converter (as
-    tests/e2e/test_vision.py does): ``tiny-vision`` (text GGUF + mmproj) and
-    ``tiny-text`` (the same text GGUF alone, a text-only model)."""
-    from ggufserve.converters.convert import convert
-
-    result = convert(
-        str(gemma3_mm_ckpt), out_dir=tmp_path_factory.mktemp("web-vision"), name=VISION
-    )
-    assert result.mmproj is not None
-    return [
-        model_entry(VISION, result.text, mmproj={"path": str(result.mmproj)}),
-        model_entry(TEXT_ONLY, result.text),
-    ]
-
-
-@pytest.fixture(scope="session")
-def vision_server(
-    tiny_vision_models: list[dict[str, Any]], server_factory: Callable[..., RunningServer]
-) -> RunningServer:
-    """Both tiny models, no API key."""
-    return server_factory(tiny_vision_models, api_key=None)
