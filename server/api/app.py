@@ -30,7 +30,7 @@ from ggufserve.errors import (
 from ggufserve.generation.chat import ChatService
 from ggufserve.generation.completions import CompletionService
 from ggufserve.generation.embeddings import EmbeddingService
-from ggufserve.models.heap import freeze_long_lived
+from ggufserve.models.heap import settle_heap
 from ggufserve.models.registry import ModelRegistry
 from ggufserve.settings import ServerSettings
 
@@ -133,7 +133,7 @@ def create_app(settings: ServerSettings, registry: ModelRegistry) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        freeze_long_lived()  # imports and app objects: out of every later collection
+        settle_heap()  # imports and app objects: out of every later collection
         registry.start_loading()
         try:
             yield

@@ -19,7 +19,7 @@ import anyio.to_thread
 
 from ggufserve.api.refusals import refuse_chat_fields
 from ggufserve.api.wire import ChatCompletion, ChatCompletionRequest
-from ggufserve.engine.base import GenerationEvent, GenerationRequest, TextDelta
+from ggufserve.engine.base import GenerationEvent, GenerationRequest, GrammarSpec, TextDelta
 from ggufserve.engine.llama import LlamaEngine
 from ggufserve.engine.sampling import GrammarError
 from ggufserve.engine.worker import EngineBusy, EngineClosed, Generation
@@ -28,7 +28,12 @@ from ggufserve.families.base import ReplyParser, reasoning_tags
 from ggufserve.families.reasoning import prompt_opens_reasoning
 from ggufserve.generation.capacity import check_choices, check_context
 from ggufserve.generation.chat_reply import ChatChunks, ChoiceText, usage
-from ggufserve.generation.constraints import ToolSelection, reply_grammar, select_tools
+from ggufserve.generation.constraints import (
+    ToolSelection,
+    format_grammar,
+    reply_grammar,
+    select_tools,
+)
 from ggufserve.generation.images import ImageLimits, load_image
 from ggufserve.generation.prompting import (
     PromptText,
@@ -58,6 +63,7 @@ class CheckedChat:
     body: ChatCompletionRequest
     selection: ToolSelection
     template_extra: dict[str, Any]
+    format_spec: GrammarSpec | None  # response_format's grammar (None: free text)
 
 
 @dataclass(frozen=True)
@@ -113,10 +119,12 @@ class ChatService:
 
         Raises:
             InvalidRequestError: a refused field, inconsistent ``tools`` / ``tool_choice`` /
-                ``response_format``, or a ``chat_template_kwargs`` key the server sets.
+                ``response_format``, a tool or ``response_format`` schema the grammar
+                cannot enforce, or a ``chat_template_kwargs`` key the server sets.
         """
         refuse_chat_fields(body)
-        return CheckedChat(body, select_tools(body), _template_extra(body))
+        selection = select_tools(body)
+        return CheckedChat(body, selection, _template_extra(body), format_grammar(body))
 
     async def prepare(self, checked: CheckedChat, lease: Lease, request_id: str) -> PreparedChat:
         """Render and tokenize the request on the leased model; build its grammar.
@@ -132,7 +140,7 @@ class ChatService:
         rendered = await anyio.to_thread.run_sync(self._render, checked, lease.parts)
         images = await self._images(rendered.image_urls) if rendered.image_urls else []
         return await anyio.to_thread.run_sync(
-            self._build, checked.body, lease, rendered, images, request_id
+            self._build, checked, lease, rendered, images, request_id
         )
 
     def _render(self, checked: CheckedChat, parts: LoadedParts) -> _Rendered:
@@ -163,7 +171,7 @@ class ChatService:
 
     def _build(
         self,
-        body: ChatCompletionRequest,
+        checked: CheckedChat,
         lease: Lease,
         rendered: _Rendered,
         images: list[Any],
@@ -178,7 +186,7 @@ class ChatService:
         """
         parts = lease.parts
         engine, family = parts.engine, parts.family
-        text, selection = rendered.text, rendered.selection
+        body, text, selection = checked.body, rendered.text, rendered.selection
         n_choices = body.n or 1
         reasoning_open = prompt_opens_reasoning(text.text, reasoning_tags(family))
         prompt: list[int] = []
@@ -192,7 +200,7 @@ class ChatService:
         n_ctx = engine.info.n_ctx
         max_tokens = body.max_completion_tokens or body.max_tokens
         check_context(n_prompt, max_tokens, n_ctx, part="messages", param="messages")
-        spec = reply_grammar(body, selection, family, reasoning_open=reasoning_open)
+        spec = reply_grammar(checked.format_spec, selection, family, reasoning_open=reasoning_open)
         grammar = None
         if spec is not None:
             try:  # compiled once here; each choice's sampler starts from a copy

@@ -20,6 +20,7 @@ from ggufserve.families.base import Family, reasoning_tags
 from ggufserve.grammar import (
     JSON_OBJECT_GBNF,
     UnsupportedSchemaError,
+    check_tools,
     json_schema_gbnf,
     tool_calls_gbnf,
 )
@@ -62,8 +63,9 @@ def select_tools(body: ChatCompletionRequest) -> ToolSelection:
 
     Raises:
         InvalidRequestError: a forced choice without tools, a named function that is not
-            in ``tools``, duplicate tool names, or tools together with a JSON
-            ``response_format``.
+            in ``tools``, duplicate tool names, tools together with a JSON
+            ``response_format``, or callable tools the grammar cannot enforce
+            (:func:`ggufserve.grammar.check_tools`).
     """
     tools = [tool.model_dump(exclude_none=True) for tool in body.tools or []]
     choice = body.tool_choice
@@ -93,6 +95,11 @@ def select_tools(body: ChatCompletionRequest) -> ToolSelection:
                 f"tool_choice names '{choice.function.name}', which is not in 'tools'.",
                 param="tool_choice",
             )
+    if callable_tools:
+        try:  # the call grammar needs the family; its checks do not
+            check_tools(callable_tools)
+        except UnsupportedSchemaError as exc:
+            raise InvalidRequestError(str(exc), param="tools") from None
     return ToolSelection(
         shown=tools if tools and choice != "none" else None,
         callable=callable_tools,
@@ -103,7 +110,7 @@ def select_tools(body: ChatCompletionRequest) -> ToolSelection:
 
 
 def reply_grammar(
-    body: ChatCompletionRequest,
+    format_spec: GrammarSpec | None,
     selection: ToolSelection,
     family: Family | None,
     *,
@@ -115,12 +122,12 @@ def reply_grammar(
     triggered by ``family.trigger_patterns`` and ``family.trigger_tokens``.
 
     Args:
+        format_spec: The ``response_format`` grammar (:func:`format_grammar`).
         reasoning_open: The prompt ends inside the family's reasoning tag: a forced call
             or a JSON reply may only start after the closing tag.
 
     Raises:
-        InvalidRequestError: a schema keyword the grammar cannot enforce (named), or a
-            ``json_schema`` format without a schema.
+        InvalidRequestError: a tool schema the grammar cannot enforce (named).
     """
     think_end = reasoning_tags(family).close
     after_reasoning = (f"({re.escape(think_end)})",)
@@ -141,7 +148,7 @@ def reply_grammar(
         return GrammarSpec(
             gbnf, trigger_patterns=family.trigger_patterns, trigger_tokens=family.trigger_tokens
         )
-    spec = _format_grammar(body)
+    spec = format_spec
     if spec is None or not reasoning_open:
         return spec
     # A reasoning model thinks first: the JSON starts after </think> (lazy trigger).
@@ -150,7 +157,13 @@ def reply_grammar(
     return GrammarSpec(gbnf, trigger_patterns=after_reasoning)
 
 
-def _format_grammar(body: ChatCompletionRequest) -> GrammarSpec | None:
+def format_grammar(body: ChatCompletionRequest) -> GrammarSpec | None:
+    """The grammar ``response_format`` asks for (None: free text); needs no model.
+
+    Raises:
+        InvalidRequestError: a schema keyword the grammar cannot enforce (named), or a
+            ``json_schema`` format without a schema.
+    """
     response_format = body.response_format
     if response_format is None or response_format.type == "text":
         return None

@@ -7,7 +7,13 @@ the converter would silently ignore and rewritten the rest into shapes it conver
 
 from __future__ import annotations
 
-from ggufserve.grammar.gbnf import JSON_OBJECT_GBNF, CallSyntax, json_schema_gbnf, tool_calls_gbnf
+from ggufserve.grammar.gbnf import (
+    JSON_OBJECT_GBNF,
+    CallSyntax,
+    check_tools,
+    json_schema_gbnf,
+    tool_calls_gbnf,
+)
 from ggufserve.grammar.keywords import UnsupportedSchemaError
 from ggufserve.grammar.schema import check_schema
 
@@ -16,6 +22,7 @@ __all__ = [
     "CallSyntax",
     "UnsupportedSchemaError",
     "check_schema",
+    "check_tools",
     "json_schema_gbnf",
     "tool_calls_gbnf",
 ]

@@ -131,6 +131,25 @@ def tool_calls_gbnf(
             :func:`ggufserve.grammar.check_schema` refuses in ``parameters`` (paths start
             with ``tools[i].function.parameters``), or tools past ``limits`` together.
     """
+    document = _calls_document(tools, syntax.arguments_key, limits)
+    rules, top = convert(document, _CALL_RULE, pretty=True)
+    return _wrap_calls(rules, top, syntax, max_calls=max_calls, lead=lead)
+
+
+def check_tools(tools: list[dict[str, Any]], *, limits: GrammarLimits = DEFAULT_LIMITS) -> None:
+    """Every check of :func:`tool_calls_gbnf` (one linear pass; no grammar is written):
+    none of them depends on a family's call syntax, so they run before a model is chosen.
+
+    Raises:
+        UnsupportedSchemaError: as :func:`tool_calls_gbnf`.
+    """
+    _calls_document(tools, "arguments", limits)
+
+
+def _calls_document(
+    tools: list[dict[str, Any]], arguments_key: str, limits: GrammarLimits
+) -> dict[str, Any]:
+    """The checked schema of one call to any of ``tools`` (see :func:`tool_calls_gbnf`)."""
     if not tools:
         raise UnsupportedSchemaError("tools", "tools", "must list at least one function")
     normalizer = SchemaNormalizer(limits)
@@ -142,15 +161,13 @@ def tool_calls_gbnf(
         arguments = normalizer.add(parameters, f"tools[{index}].function.parameters")
         if arguments.get("type") == ANY_TYPES:  # parameters {}: any object
             arguments = {"type": "object"}
-        call = {"name": {"const": name}, syntax.arguments_key: arguments}
+        call = {"name": {"const": name}, arguments_key: arguments}
         path = f"tools[{index}].function"
         call = {key: record(value, "function", path) for key, value in call.items()}
         calls.append(
             record({"type": "object", "properties": call, "required": list(call)}, "function", path)
         )
-    document = normalizer.document(record({"anyOf": calls}, "tools", "tools"))
-    rules, top = convert(document, _CALL_RULE, pretty=True)
-    return _wrap_calls(rules, top, syntax, max_calls=max_calls, lead=lead)
+    return normalizer.document(record({"anyOf": calls}, "tools", "tools"))
 
 
 def _function(tool: Any, index: int, names: set[str]) -> tuple[str, Any]:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from ggufserve.engine.base import ModelLoadError
 from ggufserve.errors import InsufficientMemoryError, ModelTooLargeError, ModelUnavailableError
 from ggufserve.generation.templates import ChatTemplateError
-from ggufserve.models.heap import freeze_long_lived, thaw
+from ggufserve.models.heap import settle_heap
 from ggufserve.models.loading import LoadedParts, load_parts, model_paths
 from ggufserve.models.memory import Resident, estimate_bytes, mib, plan_eviction
 from ggufserve.models.served_model import LOAD_RETRY_S, ModelState, ServedModel
@@ -82,6 +82,8 @@ class Loader:
         self._queue: queue.SimpleQueue[ServedModel | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
+        # A load or unload happened: settle the heap once the step's frames let go of it.
+        self._heap_changed = False
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="model-loader", daemon=True)
@@ -139,6 +141,9 @@ class Loader:
                 self._expire()
             except Exception:  # the thread must outlive any one model's trouble
                 log.exception("the model loader hit an unexpected error")
+            if self._heap_changed:
+                self._heap_changed = False
+                settle_heap()
 
     def _load(self, served: ServedModel) -> None:
         future = served.loading
@@ -180,7 +185,7 @@ class Loader:
             time.monotonic() - started,
             mib(served.memory_bytes or 0),
         )
-        freeze_long_lived()
+        self._heap_changed = True
         _settle(future)
 
     def _load_parts(self, served: ServedModel) -> tuple[LoadedParts, Callable[[], None]]:
@@ -282,7 +287,7 @@ class Loader:
         finally:
             if release is not None:
                 release()
-        thaw()
+        self._heap_changed = True
         with self.lock:
             # A later load starts from the default: a last request's keep_alive 0 would
             # otherwise unload it before a client that did not wait for the load returns.

@@ -43,6 +43,31 @@ CHAT_CASES: list[tuple[str, dict[str, Any], str]] = [
     ("audio output", {"modalities": ["text", "audio"]}, "modalities"),
     ("top_logprobs without logprobs", {"top_logprobs": 2}, "top_logprobs"),
     (
+        "a response_format schema keyword the grammar cannot enforce",
+        {
+            "response_format": {
+                "type": "json_schema",
+                "json_schema": {"name": "n", "schema": {"type": "integer", "minimum": 1}},
+            }
+        },
+        "response_format.json_schema.schema",
+    ),
+    (
+        "a tool parameters schema the grammar cannot enforce",
+        {
+            "tools": [
+                {
+                    "type": "function",
+                    "function": {
+                        "name": "f",
+                        "parameters": {"type": "object", "not": {"required": ["x"]}},
+                    },
+                }
+            ]
+        },
+        "tools",
+    ),
+    (
         "a template variable the server sets",
         {"chat_template_kwargs": {"add_generation_prompt": False}},
         "chat_template_kwargs",

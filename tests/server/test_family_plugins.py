@@ -34,7 +34,12 @@ from ggufserve.families import (
     reasoning_tags,
 )
 from ggufserve.families.reasoning import find_marker
-from ggufserve.generation.constraints import ToolSelection, reply_grammar, select_tools
+from ggufserve.generation.constraints import (
+    ToolSelection,
+    format_grammar,
+    reply_grammar,
+    select_tools,
+)
 from ggufserve.generation.templates import ChatTemplate, fallback_template, shipped_template
 from ggufserve.grammar import JSON_OBJECT_GBNF
 from tests.server.test_grammar import Grammars
@@ -87,7 +92,9 @@ def written(family: Family, *calls: Call) -> str:
 
 def grammar_for(family: Family | None, reasoning_open: bool = False, **fields: Any) -> GrammarSpec:
     body = request(**fields)
-    spec = reply_grammar(body, select_tools(body), family, reasoning_open=reasoning_open)
+    spec = reply_grammar(
+        format_grammar(body), select_tools(body), family, reasoning_open=reasoning_open
+    )
     assert spec is not None
     return spec
 
@@ -297,7 +304,9 @@ def test_free_output_has_no_grammar(family: Family | None) -> None:
         body = request(**fields)
         for reasoning_open in (False, True):
             assert (
-                reply_grammar(body, select_tools(body), family, reasoning_open=reasoning_open)
+                reply_grammar(
+                    format_grammar(body), select_tools(body), family, reasoning_open=reasoning_open
+                )
                 is None
             )
 
@@ -395,10 +404,14 @@ def test_json_reply_grammar_starts_after_reasoning(
         ),
     ],
 )
-def test_reply_grammar_refuses_what_it_cannot_enforce(fields: dict[str, Any], param: str) -> None:
+def test_model_free_checks_refuse_what_the_grammar_cannot_enforce(
+    fields: dict[str, Any], param: str
+) -> None:
+    # select_tools and format_grammar run before a model is leased (no family needed).
     body = request(**fields)
     with pytest.raises(InvalidRequestError) as caught:
-        reply_grammar(body, select_tools(body), Qwen3VL(), reasoning_open=False)
+        select_tools(body)
+        format_grammar(body)
     assert caught.value.param == param
 
 
