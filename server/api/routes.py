@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any, Protocol, TypeVar
 
@@ -17,7 +18,12 @@ from ggufserve.api.metrics import metrics
 from ggufserve.api.openapi import openapi_document
 from ggufserve.api.wire import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
 from ggufserve.engine.worker import Generation
-from ggufserve.errors import InvalidRequestError, PayloadTooLargeError, UnsupportedMediaTypeError
+from ggufserve.errors import (
+    APIError,
+    InvalidRequestError,
+    PayloadTooLargeError,
+    UnsupportedMediaTypeError,
+)
 from ggufserve.generation.embeddings import EmbeddingRequest
 from ggufserve.generation.streaming import SSE_HEADERS, SSE_MEDIA_TYPE
 from ggufserve.models.registry import Lease, ModelRegistry, ModelState, ServedModel
@@ -121,6 +127,10 @@ async def run_unless_disconnected(request: Request, work: Awaitable[T]) -> T | N
         watcher.cancel()
     if not task.done():
         task.cancel()
+        # Wait for the cancellation to finish (it cancels the engine jobs) before the
+        # caller releases the model's lease: a keep_alive 0 unload must not race the jobs.
+        with contextlib.suppress(asyncio.CancelledError, APIError):  # nobody reads it
+            await task
         return None
     return task.result()
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from abc import ABC, abstractmethod
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -28,6 +29,8 @@ from ggufserve.errors import (
     InvalidRequestError,
     ModelUnavailableError,
 )
+
+log = logging.getLogger(__name__)
 
 SSE_MEDIA_TYPE = "text/event-stream"
 # No caching, and no buffering by reverse proxies (nginx): each event goes out as it comes.
@@ -93,8 +96,17 @@ async def _merged(
     queue: asyncio.Queue[tuple[int, GenerationEvent]] = asyncio.Queue()
 
     async def pump(index: int, source: EventSource) -> None:
-        async for event in source.events():
-            await queue.put((index, event))
+        # A source that raises or stops before its Finished/Failed must still end its
+        # choice (as an internal failure), or the request would wait forever.
+        ended = False
+        try:
+            async for event in source.events():
+                ended = isinstance(event, (Finished, Failed))
+                await queue.put((index, event))
+        except Exception:
+            log.exception("choice %d's events broke off", index)
+        if not ended:
+            await queue.put((index, Failed()))
 
     tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(sources)]
     try:

@@ -22,7 +22,7 @@ from ggufserve.engine.base import (
     TextDelta,
     TokenLogprob,
 )
-from ggufserve.errors import APIError
+from ggufserve.errors import APIError, InternalServerError
 from ggufserve.families.base import ReplyParser
 from ggufserve.generation.chat_reply import ChatChunks
 from ggufserve.generation.completions import ChoiceAccumulator, CompletionChunks, Prompt
@@ -236,6 +236,43 @@ def test_an_engine_failure_names_the_request_not_the_cause() -> None:
     error = json.loads(run(main)[1].removeprefix("data: "))["error"]
     assert error["type"] == "server_error"
     assert "req-42" in error["message"]
+
+
+class BrokenSource(FakeSource):
+    """A choice whose event iterator raises, or stops, before its Finished/Failed."""
+
+    def __init__(self, error: Exception | None) -> None:
+        super().__init__()
+        self.error = error
+
+    async def events(self) -> AsyncIterator[GenerationEvent]:
+        yield TextDelta("partial")
+        if self.error is not None:
+            raise self.error
+
+
+@pytest.mark.parametrize("error", [RuntimeError("engine gone"), None], ids=["raises", "stops"])
+def test_a_choice_whose_events_break_off_fails_instead_of_hanging(
+    error: Exception | None,
+) -> None:
+    async def main() -> tuple[list[str], list[FakeSource]]:
+        sources = [BrokenSource(error), FakeSource()]
+        sources[1].push(TextDelta("other"), STOP)
+        return await drain(sse_stream(sources, "req-7", PieceWriter())), sources
+
+    frames, sources = run(main)
+    error_frame = json.loads(frames[-2].removeprefix("data: "))["error"]
+    assert error_frame["type"] == "server_error" and "req-7" in error_frame["message"]
+    assert frames[-1] == DONE
+    assert all(s.cancelled for s in sources)
+
+
+def test_run_to_end_fails_a_choice_whose_events_break_off() -> None:
+    async def main() -> list[Finished]:
+        return await run_to_end([BrokenSource(RuntimeError("gone"))], "req-8", lambda i, e: None)
+
+    with pytest.raises(InternalServerError):
+        run(main)
 
 
 def test_closing_the_stream_early_cancels_and_closes_every_choice() -> None:
