@@ -57,10 +57,16 @@ class PromptText:
     restore: dict[str, str]
 
 
+def context_char_cap(info: ModelInfo) -> int:
+    """The most characters ``n_ctx`` tokens of the model's longest token could spell: no
+    longer text can fit the context."""
+    return info.n_ctx * info.max_token_chars
+
+
 def prompt_char_cap(info: ModelInfo, max_prompt_chars: int) -> int:
-    """The most characters a prompt may hold: what ``n_ctx`` tokens of the model's longest
-    token could spell, or ``max_prompt_chars`` where that is lower."""
-    return min(max_prompt_chars, info.n_ctx * info.max_token_chars)
+    """The most characters a prompt may hold: :func:`context_char_cap`, or
+    ``max_prompt_chars`` where that is lower."""
+    return min(max_prompt_chars, context_char_cap(info))
 
 
 def text_of(content: Any) -> str:
@@ -211,7 +217,7 @@ def _private_chars(prompt: TemplateInput) -> set[str]:
 
 
 def _check_length(text: str, info: ModelInfo, param: str) -> None:
-    cap = info.n_ctx * info.max_token_chars
+    cap = context_char_cap(info)
     if len(text) > cap:
         raise InvalidRequestError(
             f"The prompt holds {len(text)} characters; the limit for this model is {cap}.",
