@@ -171,3 +171,19 @@ image-test: $(STAMP_TEST)
 .PHONY: soak
 soak: install $(STAMP_TEST)
 	$(BIN)/python -m tests.bench.soak $(SOAK_ARGS)
+
+# Real agent clients, one turn each with a tool call against a local server on the bundled
+# model: OpenAI's Codex CLI (Responses API) and Claude Code (Messages API), pinned npm
+# packages (they ship their binaries) installed under build/agents. Needs npm; not in CI
+# (the agents' prompts are ~10k tokens: minutes on 2 cores). AGENTS_ARGS="--only codex".
+AGENTS_DIR := build/agents
+CODEX_NPM := @openai/codex@0.171.0
+CLAUDE_CODE_NPM := @anthropic-ai/claude-code@2.1.197
+$(AGENTS_DIR)/.installed:
+	mkdir -p $(AGENTS_DIR)
+	npm install --no-audit --no-fund --prefix $(AGENTS_DIR) $(CODEX_NPM) $(CLAUDE_CODE_NPM)
+	touch $@
+
+.PHONY: agents
+agents: install $(STAMP_TEST) $(AGENTS_DIR)/.installed
+	$(BIN)/python -m tests.agents.run_agents --agents-dir $(AGENTS_DIR) $(AGENTS_ARGS)

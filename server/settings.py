@@ -17,6 +17,8 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
+    field_validator,
     model_validator,
 )
 from pydantic_core import ErrorDetails
@@ -100,6 +102,10 @@ class ModelEntry(_Entry):
     swa_full: bool = True
     # Also serve /v1/embeddings from a second, pooled context on the same weights.
     embeddings: bool = False
+    # Tokens per image for Qwen-VL projectors (mtmd scales images into the range);
+    # None: the projector's own (8..4096). docs/models-yaml.md explains the trade-off.
+    image_min_tokens: Annotated[int, Field(ge=1, le=1_048_576)] | None = None
+    image_max_tokens: Annotated[int, Field(ge=1, le=1_048_576)] | None = None
     sampling: SamplingDefaults = SamplingDefaults()
     # Idle time before unloading: seconds, "30s"/"5m"/"1h", -1 = never, 0 = right after
     # each request. None: forever for start-up (--model) models, else --keep-alive.
@@ -110,6 +116,22 @@ class ModelEntry(_Entry):
         if self.chat_template is not None and self.chat_template_file is not None:
             raise ValueError("give at most one of 'chat_template' and 'chat_template_file'")
         return self
+
+    @field_validator("image_min_tokens")
+    @classmethod
+    def _image_fits_context(cls, low: int | None, info: ValidationInfo) -> int | None:
+        n_ctx = info.data.get("n_ctx")
+        if low is not None and n_ctx is not None and low >= n_ctx:
+            raise ValueError(f"image_min_tokens ({low}) leaves no room in n_ctx ({n_ctx})")
+        return low
+
+    @field_validator("image_max_tokens")
+    @classmethod
+    def _image_tokens_in_order(cls, high: int | None, info: ValidationInfo) -> int | None:
+        low = info.data.get("image_min_tokens")
+        if high is not None and low is not None and low > high:
+            raise ValueError(f"image_max_tokens ({high}) is below image_min_tokens ({low})")
+        return high
 
 
 class ModelsFile(_Entry):
@@ -247,3 +269,7 @@ class ServerSettings(BaseSettings):
     http_keep_alive_s: Annotated[float, Field(gt=0)] = 5.0
     # Liveness: /health answers 503 "stalled" while a model's scheduler step has run longer.
     max_step_s: Annotated[float, Field(gt=0)] = 60.0
+    # /v1/responses store ($GGUFSERVE_HOME/responses.sqlite3): most responses kept (the
+    # oldest go first) and seconds each is kept (30 days, as OpenAI keeps them).
+    max_stored_responses: Annotated[int, Field(ge=1)] = 1000
+    stored_response_ttl_s: Annotated[float, Field(gt=0)] = 30 * 24 * 3600.0

@@ -46,7 +46,9 @@ TINY_TEXT = "tiny-text"
 QWEN_INSTRUCT = "qwen-instruct"
 QWEN_THINKING = "qwen-thinking"
 # Each folder under tests/ marks its tests with its own name (markers in pyproject.toml).
-FOLDER_MARKERS = frozenset({"bench", "cli", "converters", "docker", "e2e", "gpu", "server", "web"})
+FOLDER_MARKERS = frozenset(
+    {"bench", "cli", "converters", "docker", "e2e", "gpu", "python_api", "server", "web"}
+)
 # Fixtures that reach a real GGUF or a tiny checkpoint, start a server, or load llama.cpp or
 # transformers models: a test using one (directly or through another fixture) is ``model``.
 MODEL_FIXTURES = frozenset(
@@ -187,7 +189,8 @@ def start_server(
     models_file: Path | None = None,
 ) -> RunningServer:
     """Start ``python -m ggufserve serve`` on a free port (writing a models.yaml unless one is
-    given) and wait for /health."""
+    given) and wait for /health. Its ``GGUFSERVE_HOME`` (model store, stored responses) is
+    a folder of ``tmp_dir`` unless ``env`` names one."""
     tmp_dir.mkdir(parents=True, exist_ok=True)
     if models_file is None:
         models_file = tmp_dir / "models.yaml"
@@ -200,7 +203,11 @@ def start_server(
     log_path = tmp_dir / "server.log"
     with log_path.open("wb") as log:
         process = subprocess.Popen(
-            args, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+            args,
+            cwd=REPO,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "GGUFSERVE_HOME": str(tmp_dir / "home"), **(env or {})},
         )
     server = RunningServer(f"http://127.0.0.1:{port}", process, log_path, api_key)
 

@@ -17,7 +17,11 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ggufserve.api.http_limits import HeaderCountMiddleware
+from ggufserve.api.messages_routes import routes as messages_routes
+from ggufserve.api.messages_wire import error_body, is_messages_path
 from ggufserve.api.metrics import metrics_registry
+from ggufserve.api.responses_routes import install as install_responses
+from ggufserve.api.responses_routes import routes as responses_routes
 from ggufserve.api.routes import routes
 from ggufserve.api.web_page import is_open_path, web_routes
 from ggufserve.errors import (
@@ -40,8 +44,11 @@ log = logging.getLogger(__name__)
 OPEN_PATHS = frozenset({"/health"})
 
 
-def error_response(error: APIError) -> JSONResponse:
-    return JSONResponse(error.envelope(), status_code=error.status_code, headers=error.headers())
+def error_response(error: APIError, path: str = "", request_id: str | None = None) -> JSONResponse:
+    """The error's response: Anthropic's error body on ``/v1/messages*`` paths, else
+    OpenAI's envelope."""
+    body = error_body(error, request_id) if is_messages_path(path) else error.envelope()
+    return JSONResponse(body, status_code=error.status_code, headers=error.headers())
 
 
 class RequestContextMiddleware:
@@ -77,9 +84,12 @@ class RequestContextMiddleware:
         if self.api_key and not self._open(scope["path"]) and not self._authorized(scope):
             response = error_response(
                 AuthenticationError(
-                    "Incorrect or missing API key. Send it as 'Authorization: Bearer <key>'.",
+                    "Incorrect or missing API key. Send it as 'Authorization: Bearer <key>' "
+                    "or 'x-api-key: <key>'.",
                     code="invalid_api_key",
-                )
+                ),
+                scope["path"],
+                request_id,
             )
             await response(scope, receive, send_with_id)
             return
@@ -90,32 +100,35 @@ class RequestContextMiddleware:
             log.exception("request %s failed", request_id)
             if started:
                 raise
-            await error_response(InternalServerError(request_id))(scope, receive, send_with_id)
+            response = error_response(InternalServerError(request_id), scope["path"], request_id)
+            await response(scope, receive, send_with_id)
 
     def _open(self, path: str) -> bool:
         return path in OPEN_PATHS or (self.webui and is_open_path(path))
 
     def _authorized(self, scope: Scope) -> bool:
         assert self.api_key is not None
-        header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+        headers = dict(scope["headers"])
+        header = headers.get(b"authorization", b"").decode("latin-1")
         scheme, _, token = header.partition(" ")
-        return scheme.lower() == "bearer" and hmac.compare_digest(
-            token.strip().encode(), self.api_key.encode()
-        )
+        if scheme.lower() != "bearer":  # Anthropic's clients send the key as x-api-key
+            token = headers.get(b"x-api-key", b"").decode("latin-1")
+        return bool(token) and hmac.compare_digest(token.strip().encode(), self.api_key.encode())
 
 
 async def _api_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, APIError)
-    return error_response(exc)
+    return error_response(exc, request.url.path, request.state.request_id)
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
+    error = APIError(str(exc.detail)[:200])
     if exc.status_code == 405:
-        return error_response(MethodNotAllowedError(f"Method {request.method} not allowed here."))
+        error = MethodNotAllowedError(f"Method {request.method} not allowed here.")
     if exc.status_code == 404:
-        return error_response(NotFoundError(f"No route {request.url.path[:200]}."))
-    return error_response(APIError(str(exc.detail)[:200]))
+        error = NotFoundError(f"No route {request.url.path[:200]}.")
+    return error_response(error, request.url.path, request.state.request_id)
 
 
 async def _client_gone(request: Request, exc: Exception) -> Response:
@@ -139,6 +152,7 @@ def create_app(settings: ServerSettings, registry: ModelRegistry) -> Starlette:
             yield
         finally:
             registry.close()
+            app.state.response_store.close()
 
     middleware = [
         Middleware(RequestContextMiddleware, api_key=settings.api_key, webui=settings.webui)
@@ -149,8 +163,14 @@ def create_app(settings: ServerSettings, registry: ModelRegistry) -> Starlette:
             Middleware(
                 CORSMiddleware,
                 allow_origins=settings.cors_allow_origins,
-                allow_methods=["GET", "POST", "OPTIONS"],
-                allow_headers=["authorization", "content-type"],
+                allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
+                allow_headers=[
+                    "authorization",
+                    "content-type",
+                    "x-api-key",
+                    "anthropic-version",
+                    "anthropic-beta",
+                ],
             ),
         )
     # Outermost: a request with too many headers reaches nothing else.
@@ -158,7 +178,12 @@ def create_app(settings: ServerSettings, registry: ModelRegistry) -> Starlette:
         0, Middleware(HeaderCountMiddleware, max_header_count=settings.max_header_count)
     )
     app = Starlette(
-        routes=[*routes, *web_routes()] if settings.webui else routes,
+        routes=[
+            *routes,
+            *messages_routes,
+            *responses_routes,
+            *(web_routes() if settings.webui else []),
+        ],
         middleware=middleware,
         exception_handlers={
             APIError: _api_error,
@@ -170,6 +195,7 @@ def create_app(settings: ServerSettings, registry: ModelRegistry) -> Starlette:
     app.state.settings = settings
     app.state.registry = registry
     app.state.chat = ChatService(settings)
+    install_responses(app, settings, app.state.chat)
     app.state.completions = CompletionService(settings)
     app.state.embeddings = EmbeddingService(
         settings.max_embedding_inputs, settings.max_embedding_chars

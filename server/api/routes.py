@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 import anyio.to_thread
 from pydantic import BaseModel, ValidationError
@@ -14,8 +14,10 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
+from ggufserve.api.messages_wire import MessagesRequest
 from ggufserve.api.metrics import metrics
 from ggufserve.api.openapi import openapi_document
+from ggufserve.api.responses_wire import ResponsesRequest
 from ggufserve.api.wire import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
 from ggufserve.engine.worker import Generation
 from ggufserve.errors import (
@@ -25,12 +27,15 @@ from ggufserve.errors import (
     UnsupportedMediaTypeError,
 )
 from ggufserve.generation.embeddings import EmbeddingRequest
+from ggufserve.generation.requests import (
+    GenerationService,
+    create_embeddings,
+    start_generation,
+)
 from ggufserve.generation.streaming import SSE_HEADERS, SSE_MEDIA_TYPE
 from ggufserve.models.registry import Lease, ModelRegistry, ModelState, ServedModel
 
 T = TypeVar("T")
-C = TypeVar("C")
-P = TypeVar("P")
 M = TypeVar("M", bound=BaseModel)
 
 JSON_TYPES = ("application/json", "text/json")
@@ -135,29 +140,15 @@ async def run_unless_disconnected(request: Request, work: Awaitable[T]) -> T | N
     return task.result()
 
 
-class GenerationService(Protocol[C, P]):
-    """What the chat and text completions services offer a route (``C``: a request that
-    passed the model-free checks, ``P``: a prepared request)."""
-
-    def check(self, body: Any) -> C: ...
-
-    async def prepare(self, checked: C, lease: Lease, request_id: str) -> P: ...
-
-    def start(self, prepared: P) -> list[Generation]: ...
-
-    def stream(
-        self, prepared: P, generations: list[Generation], request_id: str
-    ) -> AsyncIterator[str]: ...
-
-    async def complete(
-        self, prepared: P, generations: list[Generation], request_id: str
-    ) -> BaseModel: ...
-
-
 async def generate(
     request: Request,
     service: GenerationService[Any, Any],
-    model: type[ChatCompletionRequest] | type[CompletionRequest],
+    model: (
+        type[ChatCompletionRequest]
+        | type[CompletionRequest]
+        | type[MessagesRequest]
+        | type[ResponsesRequest]
+    ),
 ) -> Response:
     """Parse → model-free checks → lease the model (loading it if needed) → prepare →
     queue → JSON or SSE, for chat and text completions. A request the checks refuse never
@@ -167,25 +158,15 @@ async def generate(
     settings = request.app.state.settings
     raw = await read_body(request, settings.max_request_bytes)
     body = await parse_body(raw, model, settings.max_json_values)
-    registry: ModelRegistry = request.app.state.registry
-    registry.lookup(body.model)  # an unknown id is a 404 before any other error
-    checked = await anyio.to_thread.run_sync(service.check, body)
-    lease = await registry.acquire(body.model, body.keep_alive)
-    handed_off = False
+    running = await start_generation(request.app.state.registry, service, body, request_id)
+    if body.stream:
+        stream = LeasedStream(running.sse())
+        stream.hold(running.lease, running.generations)
+        return stream
     try:
-        prepared = await service.prepare(checked, lease, request_id)
-        generations = service.start(prepared)
-        if body.stream:
-            stream = LeasedStream(service.stream(prepared, generations, request_id))
-            stream.hold(lease, generations)
-            handed_off = True
-            return stream
-        completion = await run_unless_disconnected(
-            request, service.complete(prepared, generations, request_id)
-        )
+        completion = await run_unless_disconnected(request, running.complete())
     finally:
-        if not handed_off:
-            lease.release()
+        running.close()
     return json_or_gone(completion)
 
 
@@ -201,37 +182,10 @@ async def embeddings(request: Request) -> Response:
     state = request.app.state
     raw = await read_body(request, state.settings.max_request_bytes)
     body = await parse_body(raw, EmbeddingRequest, state.settings.max_json_values)
-    registry: ModelRegistry = state.registry
-    if not registry.lookup(body.model).entry.embeddings:
-        raise no_embeddings(body.model)
-    items = state.embeddings.check(body)
-    lease = await registry.acquire(body.model, body.keep_alive)
-    try:
-        engine, embedder = lease.parts.engine, lease.parts.embedder
-        if embedder is None:  # the entry asks for embeddings: never, but mypy cannot tell
-            raise no_embeddings(body.model)
-        response = await state.embeddings.create(
-            body,
-            items,
-            engine=embedder,
-            tokenize=engine.tokenize,
-            add_bos=engine.info.add_bos,
-            bos_token_id=engine.info.bos_token_id,
-            n_vocab=engine.info.n_vocab,
-            model_id=lease.served.id,
-        )
-    finally:
-        lease.release()
+    response = await create_embeddings(state.registry, state.embeddings, body)
     # Thousands of vectors take tens of milliseconds to serialise: off the loop.
     content = await anyio.to_thread.run_sync(response.model_dump_json)
     return Response(content, media_type="application/json")
-
-
-def no_embeddings(model_id: str) -> InvalidRequestError:
-    return InvalidRequestError(
-        f"The model '{model_id}' does not serve embeddings (models.yaml: embeddings).",
-        param="model",
-    )
 
 
 class LeasedStream(StreamingResponse):

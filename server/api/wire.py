@@ -280,16 +280,24 @@ class NamedToolChoice(StrictModel):
     function: NamedFunction
 
 
+# The name a ``json_schema`` format gets when it has none (llama.cpp and vLLM accept that).
+DEFAULT_SCHEMA_NAME = "response"
+
+
 class JSONSchemaFormat(StrictModel):
-    name: Annotated[str, Field(min_length=1, max_length=64)]
+    name: Annotated[str, Field(min_length=1, max_length=64)] = DEFAULT_SCHEMA_NAME
     description: str | None = None
     schema_: Annotated[dict[str, Any] | None, Field(alias="schema")] = None
     strict: bool | None = None
 
 
 class ResponseFormat(StrictModel):
+    """OpenAI's ``response_format``; ``schema`` is llama.cpp's extension of ``json_object``
+    (a JSON object that follows the schema)."""
+
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JSONSchemaFormat | None = None
+    schema_: Annotated[dict[str, Any] | None, Field(alias="schema")] = None
 
 
 class StreamOptions(StrictModel):
@@ -386,6 +394,10 @@ class ChatCompletionRequest(_GenerationFields):
     reasoning_effort: Literal["minimal", "low", "medium", "high"] | None = None
     # vLLM / llama.cpp extension
     chat_template_kwargs: dict[str, Any] | None = None
+    # ggufserve extension: tokens per image for Qwen-VL models, within the model's range
+    # (docs/api.md#image-token-budget); a 400 for fixed-size projectors (Gemma 3).
+    image_min_tokens: Annotated[int, Field(ge=1)] | None = None
+    image_max_tokens: Annotated[int, Field(ge=1)] | None = None
     # Accepted only to be refused by name (see server/api/refusals.py).
     chat_template: Any = None
     functions: Any = None

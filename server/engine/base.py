@@ -106,12 +106,14 @@ class PromptLogprobs:
 @dataclass(frozen=True)
 class Finished:
     """The last event of a generation. ``cached_tokens``: prompt tokens served from the KV
-    cache (prefix reuse) rather than decoded."""
+    cache (prefix reuse) rather than decoded; ``stop_sequence``: the request's stop string
+    that ended it (None: it ended otherwise)."""
 
     finish_reason: FinishReason
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int = 0
+    stop_sequence: str | None = None
 
 
 @dataclass(frozen=True)

@@ -22,13 +22,14 @@ from ggufserve.engine.base import (
     ModelInfo,
     ModelLoadError,
 )
-from ggufserve.engine.media import MediaPrompt, Mtmd
+from ggufserve.engine.media import MediaPrompt, Mtmd, read_token_range
 from ggufserve.engine.sampling import CompiledGrammar, TokenSampler, compile_grammar
 from ggufserve.engine.scheduler import ContextLimits, Scheduler
 from ggufserve.engine.sequence import ImagePiece, Piece, Running
 from ggufserve.engine.special_tokens import SPECIAL, Plan, SpecialTokens
 from ggufserve.engine.text import StopScanner
 from ggufserve.engine.worker import Generation, StepClock
+from ggufserve.generation.image_budget import TokenRange
 from ggufserve.generation.images import LoadedImage
 
 # Image-boundary spellings some vocabularies mark USER_DEFINED (Gemma 3): markup all the
@@ -57,11 +58,18 @@ class LlamaEngine:
         max_queued: Requests allowed to wait for a free sequence.
         mmproj_path: The vision projector GGUF, or None for a text-only model.
         image_cache_bytes: Bound of the LRU of encoded images, in bytes (0 disables it).
+        image_min_tokens / image_max_tokens: mtmd's range of tokens per image (None: the
+            projector's own; only Qwen-VL projectors take them).
         load_progress: Called with the fraction (0..1) of the weights loaded, as llama.cpp
             reports it (``llama_model_params.progress_callback``), on the loading thread.
 
+    Attributes:
+        image_range: How the projector sizes images in tokens under these limits (None:
+            no mmproj, or a fixed-size projector such as Gemma 3's).
+
     Raises:
-        ModelLoadError: llama.cpp failed to load the file or create the context.
+        ModelLoadError: llama.cpp failed to load the file or create the context; image
+            token limits for a projector that ignores them, or a minimum above the maximum.
     """
 
     def __init__(
@@ -77,9 +85,17 @@ class LlamaEngine:
         max_queued: int,
         mmproj_path: Path | None = None,
         image_cache_bytes: int = 0,
+        image_min_tokens: int | None = None,
+        image_max_tokens: int | None = None,
         load_progress: Callable[[float], None] | None = None,
     ):
         threads = n_threads or os.cpu_count() or 1
+        # Read before the weights load, so that limits a projector ignores fail fast.
+        self.image_range: TokenRange | None = (
+            read_token_range(mmproj_path, image_min_tokens, image_max_tokens)
+            if mmproj_path is not None
+            else None
+        )
         self.n_parallel = n_parallel
         set_verbose(False)  # llama.cpp's own log lines stay out of the server log
         model_params = llama_cpp.llama_model_default_params()
@@ -118,6 +134,8 @@ class LlamaEngine:
                 n_threads=threads,
                 use_gpu=n_gpu_layers != 0,
                 cache_bytes=image_cache_bytes,
+                image_min_tokens=image_min_tokens,
+                image_max_tokens=image_max_tokens,
             )
             if mmproj_path is not None
             else None

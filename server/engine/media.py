@@ -10,6 +10,7 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from pathlib import Path
 
+import gguf
 import llama_cpp
 import numpy as np
 from llama_cpp import mtmd_cpp
@@ -17,6 +18,7 @@ from llama_cpp import mtmd_cpp
 from ggufserve.engine.base import EngineStats, ModelLoadError
 from ggufserve.engine.sequence import ImagePiece, Piece
 from ggufserve.engine.special_tokens import Plan
+from ggufserve.generation.image_budget import TokenRange, projector_range
 from ggufserve.generation.images import LoadedImage
 
 
@@ -67,12 +69,49 @@ class MediaPrompt:
 
     Attributes:
         n_tokens: Positions the prompt fills in the context (text tokens + image tokens).
+        image_tokens: Each image's tokens, in prompt order.
     """
 
-    def __init__(self, chunks: mtmd_cpp.mtmd_input_chunks_p, n_tokens: int):
+    def __init__(
+        self, chunks: mtmd_cpp.mtmd_input_chunks_p, n_tokens: int, image_tokens: list[int]
+    ):
         self.chunks = chunks
         self.n_tokens = n_tokens
+        self.image_tokens = image_tokens
         weakref.finalize(self, mtmd_cpp.mtmd_input_chunks_free, chunks)
+
+
+def read_token_range(
+    mmproj: Path, min_tokens: int | None, max_tokens: int | None
+) -> TokenRange | None:
+    """How the mmproj's projector turns images into tokens under a model's
+    ``image_min_tokens`` / ``image_max_tokens`` (its GGUF metadata, read as clip.cpp does).
+
+    Returns:
+        The projector's token range, or None where images have a fixed size (Gemma 3).
+
+    Raises:
+        ModelLoadError: the file is not a readable GGUF; limits set for a fixed-size
+            projector; a minimum above the maximum.
+    """
+    try:
+        fields = gguf.GGUFReader(mmproj).fields
+    except (OSError, ValueError, IndexError, KeyError):  # what the reader raises on bad files
+        raise ModelLoadError("the vision projector (mmproj) is not a readable GGUF") from None
+
+    def value(key: str, default: object) -> object:
+        field = fields.get(key)
+        return default if field is None else field.contents()
+
+    projector = value("clip.projector_type", None) or value("clip.vision.projector_type", "")
+    patch = value("clip.vision.patch_size", 0)
+    merge = value("clip.vision.spatial_merge_size", 2)  # clip.cpp's default for Qwen-VL
+    if not isinstance(patch, int) or not isinstance(merge, int):
+        raise ModelLoadError("the vision projector (mmproj) has no integer patch size")
+    try:
+        return projector_range(str(projector), patch, merge, min_tokens, max_tokens)
+    except ValueError as exc:
+        raise ModelLoadError(str(exc)) from None
 
 
 class Mtmd:
@@ -90,12 +129,17 @@ class Mtmd:
         n_threads: int,
         use_gpu: bool,
         cache_bytes: int,
+        image_min_tokens: int | None = None,
+        image_max_tokens: int | None = None,
     ):
         params = mtmd_cpp.mtmd_context_params_default()
         params.use_gpu = use_gpu
         params.n_threads = n_threads
         params.print_timings = False
         params.warmup = False
+        # -1 (the default) keeps the projector's own limits.
+        params.image_min_tokens = image_min_tokens or -1
+        params.image_max_tokens = image_max_tokens or -1
         ctx = mtmd_cpp.mtmd_init_from_file(str(mmproj).encode(), model, params)
         if not ctx or not mtmd_cpp.mtmd_support_vision(ctx):
             raise ModelLoadError("llama.cpp could not load the vision projector (mmproj)")
@@ -142,17 +186,21 @@ class Mtmd:
             status = mtmd_cpp.mtmd_tokenize_from_parts(self._ctx, chunks, array, len(parts), False)
             if status != 0:
                 raise ValueError("mtmd refused the prompt's images")
-            n_tokens = sum(
-                mtmd_cpp.mtmd_input_chunk_get_n_tokens(mtmd_cpp.mtmd_input_chunks_get(chunks, i))
-                for i in range(mtmd_cpp.mtmd_input_chunks_size(chunks))
-            )
+            counted = [
+                (self._is_text(chunk), mtmd_cpp.mtmd_input_chunk_get_n_tokens(chunk))
+                for chunk in (
+                    mtmd_cpp.mtmd_input_chunks_get(chunks, i)
+                    for i in range(mtmd_cpp.mtmd_input_chunks_size(chunks))
+                )
+            ]
         except BaseException:
             mtmd_cpp.mtmd_input_chunks_free(chunks)
             raise
         finally:
             for bitmap in bitmaps:
                 mtmd_cpp.mtmd_bitmap_free(bitmap)
-        return MediaPrompt(chunks, n_tokens)
+        image_tokens = [n for text, n in counted if not text]
+        return MediaPrompt(chunks, sum(n for _, n in counted), image_tokens)
 
     @staticmethod
     def _is_text(chunk: mtmd_cpp.mtmd_input_chunk_p) -> bool:

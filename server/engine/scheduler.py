@@ -549,7 +549,13 @@ class Scheduler:
             self._emit_text(running, tail)
         self.stats.requests_finished += 1
         running.generation.emit(
-            Finished(reason, running.n_prompt, running.completion_tokens, running.n_cached)
+            Finished(
+                reason,
+                running.n_prompt,
+                running.completion_tokens,
+                running.n_cached,
+                running.scanner.matched,
+            )
         )
         self._mean_job_s = 0.8 * self._mean_job_s + 0.2 * (time.monotonic() - running.admitted_at)
         self._release(slot)

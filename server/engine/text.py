@@ -21,6 +21,8 @@ class StopScanner:
         self._stops = list(stops)
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._pending = ""
+        # The stop string that ended the text (the earliest one in it), once one has.
+        self.matched: str | None = None
 
     def feed(self, data: bytes) -> tuple[str, bool]:
         """Add one token's bytes.
@@ -32,9 +34,10 @@ class StopScanner:
         if not self._stops:
             out, self._pending = self._pending, ""
             return out, False
-        hits = [i for i in (self._pending.find(stop) for stop in self._stops) if i >= 0]
+        hits = [(i, stop) for stop in self._stops if (i := self._pending.find(stop)) >= 0]
         if hits:
-            out = self._pending[: min(hits)]
+            start, self.matched = min(hits, key=lambda hit: hit[0])
+            out = self._pending[:start]
             self._pending = ""
             return out, True
         keep = self._held_back_length()

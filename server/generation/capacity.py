@@ -4,6 +4,8 @@ text completions make the same checks, with their own words for the prompt)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from ggufserve.errors import ContextLengthExceededError, InvalidRequestError
 
 
@@ -24,7 +26,13 @@ def check_choices(count: int, n_parallel: int, max_queued: int, *, what: str = "
 
 
 def check_context(
-    n_prompt: int, max_tokens: int | None, n_ctx: int, *, part: str, param: str
+    n_prompt: int,
+    max_tokens: int | None,
+    n_ctx: int,
+    *,
+    part: str,
+    param: str,
+    image_tokens: Sequence[int] = (),
 ) -> None:
     """Refuse a prompt that leaves no room in the context, or no room for ``max_tokens``.
 
@@ -34,6 +42,7 @@ def check_context(
         n_ctx: The model's context size, in tokens.
         part: How the message names the prompt (``"messages"``, ``"prompt"``).
         param: The request field the error names.
+        image_tokens: Each image's tokens (part of ``n_prompt``); the message names them.
 
     Raises:
         ContextLengthExceededError: ``n_prompt >= n_ctx``, or ``n_prompt + max_tokens >
@@ -42,6 +51,16 @@ def check_context(
     if n_prompt < n_ctx and (max_tokens is None or n_prompt + max_tokens <= n_ctx):
         return
     wanted = 1 if max_tokens is None else max_tokens
+    if image_tokens:
+        images = ", ".join(f"image {i} takes {n} tokens" for i, n in enumerate(image_tokens, 1))
+        asked = "one completion token" if max_tokens is None else f"max_tokens ({max_tokens})"
+        raise ContextLengthExceededError(
+            f"This model's maximum context length is {n_ctx} tokens. However, {images}; "
+            f"with the text ({n_prompt - sum(image_tokens)} tokens) and {asked} that exceeds "
+            f"n_ctx ({n_ctx}). Send fewer or smaller images (or a lower image_max_tokens), "
+            "less text or a lower max_tokens.",
+            param=param,
+        )
     raise ContextLengthExceededError(
         f"This model's maximum context length is {n_ctx} tokens. However, you requested "
         f"{n_prompt + wanted} tokens ({n_prompt} in the {part}, {wanted} in the completion). "

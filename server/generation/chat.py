@@ -34,6 +34,7 @@ from ggufserve.generation.constraints import (
     reply_grammar,
     select_tools,
 )
+from ggufserve.generation.image_budget import check_request_budget, fit_images
 from ggufserve.generation.images import ImageLimits, load_image
 from ggufserve.generation.prompting import (
     PromptText,
@@ -120,9 +121,11 @@ class ChatService:
         Raises:
             InvalidRequestError: a refused field, inconsistent ``tools`` / ``tool_choice`` /
                 ``response_format``, a tool or ``response_format`` schema the grammar
-                cannot enforce, or a ``chat_template_kwargs`` key the server sets.
+                cannot enforce, a ``chat_template_kwargs`` key the server sets, or
+                ``image_min_tokens`` above ``image_max_tokens``.
         """
         refuse_chat_fields(body)
+        check_request_budget(body.image_min_tokens, body.image_max_tokens)
         selection = select_tools(body)
         return CheckedChat(body, selection, _template_extra(body), format_grammar(body))
 
@@ -132,9 +135,11 @@ class ChatService:
         Raises:
             InvalidRequestError: too many choices, tools for a family without a call
                 format, images for a text-only model, a prompt over the character cap,
-                invalid Unicode, a template rejection, an unenforceable schema keyword, or
-                an out-of-vocabulary ``logit_bias`` id.
-            ContextLengthExceededError: prompt tokens + ``max_tokens`` exceed ``n_ctx``.
+                invalid Unicode, a template rejection, an unenforceable schema keyword,
+                an out-of-vocabulary ``logit_bias`` id, or an image token budget the model
+                cannot honour (see ``image_budget.request_range``).
+            ContextLengthExceededError: prompt tokens + ``max_tokens`` exceed ``n_ctx``
+                (the message names each image's tokens).
         """
         # Every CPU-bound step runs in a worker thread; the loop only awaits (and fetches images).
         rendered = await anyio.to_thread.run_sync(self._render, checked, lease.parts)
@@ -192,6 +197,9 @@ class ChatService:
         prompt: list[int] = []
         media = None
         if rendered.image_urls:
+            images = fit_images(
+                images, engine.image_range, body.image_min_tokens, body.image_max_tokens
+            )
             media = tokenize_media(engine, text, images)
             n_prompt = media.n_tokens
         else:
@@ -199,7 +207,10 @@ class ChatService:
             n_prompt = len(prompt)
         n_ctx = engine.info.n_ctx
         max_tokens = body.max_completion_tokens or body.max_tokens
-        check_context(n_prompt, max_tokens, n_ctx, part="messages", param="messages")
+        images_n = media.image_tokens if media is not None else ()
+        check_context(
+            n_prompt, max_tokens, n_ctx, part="messages", param="messages", image_tokens=images_n
+        )
         spec = reply_grammar(checked.format_spec, selection, family, reasoning_open=reasoning_open)
         grammar = None
         if spec is not None:
@@ -278,6 +289,7 @@ class ChatService:
             id=prepared.completion_id,
             created=prepared.created,
             model=prepared.served.id,
+            system_fingerprint=prepared.parts.system_fingerprint,
             choices=[text.choice(i, ordered[i]) for i, text in enumerate(texts)],
             usage=usage(ordered),
         )
@@ -289,15 +301,19 @@ class ChatService:
         call deltas and a finish chunk; an optional usage chunk; ``[DONE]``. An engine
         failure becomes an error event before ``[DONE]`` (see
         :func:`ggufserve.generation.streaming.sse_stream`)."""
-        chunks = ChatChunks(
+        return sse_stream(generations, request_id, self.writer(prepared, generations))
+
+    def writer(self, prepared: PreparedChat, generations: list[Generation]) -> ChatChunks:
+        """The stream's chunk writer (shared by :meth:`stream` and the Python API)."""
+        return ChatChunks(
             prepared.completion_id,
             prepared.created,
             prepared.served.id,
             [prepared.parser() for _ in generations],
             want_logprobs=prepared.want_logprobs,
             include_usage=prepared.include_usage,
+            system_fingerprint=prepared.parts.system_fingerprint,
         )
-        return sse_stream(generations, request_id, chunks)
 
 
 def _template_extra(body: ChatCompletionRequest) -> dict[str, Any]:

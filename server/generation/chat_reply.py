@@ -191,6 +191,7 @@ class ChatChunks(StreamWriter):
         parsers: One reply parser per choice.
         want_logprobs: Whether chunks carry their tokens' logprobs.
         include_usage: Whether a usage chunk (no choices) closes the stream.
+        system_fingerprint: Every chunk's ``system_fingerprint``.
     """
 
     def __init__(
@@ -202,8 +203,10 @@ class ChatChunks(StreamWriter):
         *,
         want_logprobs: bool,
         include_usage: bool,
+        system_fingerprint: str | None = None,
     ):
         self._id, self._created, self._model = completion_id, created, model
+        self._fingerprint = system_fingerprint
         self._include_usage = include_usage
         self._choices = [ChoiceStream(i, p, want_logprobs) for i, p in enumerate(parsers)]
 
@@ -211,7 +214,12 @@ class ChatChunks(StreamWriter):
         self, choices: list[ChunkChoice], totals: CompletionUsage | None = None
     ) -> ChatCompletionChunk:
         return ChatCompletionChunk(
-            id=self._id, created=self._created, model=self._model, choices=choices, usage=totals
+            id=self._id,
+            created=self._created,
+            model=self._model,
+            system_fingerprint=self._fingerprint,
+            choices=choices,
+            usage=totals,
         )
 
     def opening(self) -> list[ChatCompletionChunk]:

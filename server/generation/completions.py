@@ -267,6 +267,7 @@ class CompletionService:
             id=prepared.completion_id,
             created=prepared.created,
             model=prepared.served.id,
+            system_fingerprint=prepared.parts.system_fingerprint,
             choices=[
                 CompletionChoice(
                     index=i,
@@ -285,9 +286,13 @@ class CompletionService:
         """Server-sent events: text chunks per choice (the echoed prompt first), a finish
         chunk per choice, an optional usage chunk, ``[DONE]`` (see
         :func:`ggufserve.generation.streaming.sse_stream`)."""
-        return sse_stream(
-            generations, request_id, CompletionChunks(prepared, self._choices(prepared))
-        )
+        return sse_stream(generations, request_id, self.writer(prepared, generations))
+
+    def writer(
+        self, prepared: PreparedCompletion, generations: list[Generation]
+    ) -> CompletionChunks:
+        """The stream's chunk writer (shared by :meth:`stream` and the Python API)."""
+        return CompletionChunks(prepared, self._choices(prepared))
 
 
 class CompletionChunks(StreamWriter):
@@ -308,6 +313,7 @@ class CompletionChunks(StreamWriter):
             id=prepared.completion_id,
             created=prepared.created,
             model=prepared.served.id,
+            system_fingerprint=prepared.parts.system_fingerprint,
             choices=choices,
             usage=totals,
         )

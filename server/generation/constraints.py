@@ -165,17 +165,36 @@ def format_grammar(body: ChatCompletionRequest) -> GrammarSpec | None:
             ``json_schema`` format without a schema.
     """
     response_format = body.response_format
-    if response_format is None or response_format.type == "text":
+    if response_format is None:
+        return None
+    if response_format.schema_ is not None and response_format.type != "json_object":
+        raise InvalidRequestError(
+            "response_format.schema goes with type 'json_object' (llama.cpp's extension); "
+            "'json_schema' takes json_schema.schema.",
+            param="response_format.schema",
+        )
+    if response_format.type == "text":
         return None
     if response_format.type == "json_object":
-        return GrammarSpec(JSON_OBJECT_GBNF)
+        if response_format.schema_ is None:
+            return GrammarSpec(JSON_OBJECT_GBNF)
+        return _schema_grammar(response_format.schema_, "response_format.schema")
     spec = response_format.json_schema
     if spec is None or spec.schema_ is None:
         raise InvalidRequestError(
             "response_format 'json_schema' needs json_schema.schema.",
             param="response_format.json_schema",
         )
+    return _schema_grammar(spec.schema_, "response_format.json_schema.schema")
+
+
+def _schema_grammar(schema: dict[str, Any], param: str) -> GrammarSpec:
+    """The grammar of a JSON schema.
+
+    Raises:
+        InvalidRequestError: a keyword the grammar cannot enforce (named), at ``param``.
+    """
     try:
-        return GrammarSpec(json_schema_gbnf(spec.schema_))
+        return GrammarSpec(json_schema_gbnf(schema))
     except UnsupportedSchemaError as exc:
-        raise InvalidRequestError(str(exc), param="response_format.json_schema.schema") from None
+        raise InvalidRequestError(str(exc), param=param) from None

@@ -276,6 +276,11 @@ def decode_image(raw: bytes, limits: ImageLimits, param: str) -> LoadedImage:
         Image.DecompressionBombError,
     ):
         raise invalid from None
+    return loaded_image(rgb)
+
+
+def loaded_image(rgb: Image.Image) -> LoadedImage:
+    """An RGB Pillow image as a :class:`LoadedImage` (its pixels and their digest)."""
     pixels = rgb.tobytes()
     digest = hashlib.sha256(pixels + f"{rgb.width}x{rgb.height}".encode()).hexdigest()
     return LoadedImage(pixels, rgb.width, rgb.height, digest)

@@ -16,7 +16,7 @@ import json
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Mapping, Sequence
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 from types import MappingProxyType
 from typing import Any, Protocol
 
@@ -209,34 +209,48 @@ def _frame(writer: StreamWriter, chunk: BaseModel) -> str:
     return sse_frame(chunk.model_dump_json(), writer.event_name(chunk))
 
 
-async def sse_stream(
+async def chunk_stream(
     sources: Sequence[EventSource], request_id: str, writer: StreamWriter
-) -> AsyncIterator[str]:
-    """A request's choices as server-sent events: ``writer``'s opening chunks, then each
-    event's chunks as the choices produce them, then (all finished) its closing chunks,
-    or (a choice failed) the error event, stopping the other choices; then the
-    terminator. However the stream ends (its consumer stops or is cancelled when the
-    client leaves), every source is cancelled (see :func:`merged_events`).
+) -> AsyncGenerator[BaseModel, None]:
+    """A request's choices as ``writer``'s chunk models: its opening chunks, then each
+    event's chunks as the choices produce them, then (all finished) its closing chunks.
+    However the iteration ends (done, a failure, ``aclose``, a cancellation), every
+    source is cancelled (see :func:`merged_events`).
 
-    Yields:
-        SSE frames (``str``), one per chunk.
+    Raises:
+        APIError: a choice failed (see :func:`failure`); the other choices are stopped.
     """
     finished: dict[int, Finished] = {}
     async with merged_events(sources) as events:
         for chunk in writer.opening():
-            yield _frame(writer, chunk)
+            yield chunk
         async for index, event in events:
             if isinstance(event, Failed):
-                payload = writer.error_payload(failure(event, request_id))
-                yield sse_frame(json.dumps(payload), writer.error_event)
-                break
+                raise failure(event, request_id)
             if isinstance(event, Finished):
                 finished[index] = event
             for chunk in writer.on_event(index, event):
+                yield chunk
+        for chunk in writer.closing([finished[i] for i in range(len(sources))]):
+            yield chunk
+
+
+async def sse_stream(
+    sources: Sequence[EventSource], request_id: str, writer: StreamWriter
+) -> AsyncIterator[str]:
+    """A request's choices as server-sent events: :func:`chunk_stream`'s chunks, each in
+    its frame, or (a choice failed) the error event after the partial output; then the
+    terminator. However the stream ends (its consumer stops or is cancelled when the
+    client leaves), every source is cancelled.
+
+    Yields:
+        SSE frames (``str``), one per chunk.
+    """
+    try:
+        async with aclosing(chunk_stream(sources, request_id, writer)) as chunks:
+            async for chunk in chunks:
                 yield _frame(writer, chunk)
-        else:
-            ordered = [finished[i] for i in range(len(sources))]
-            for chunk in writer.closing(ordered):
-                yield _frame(writer, chunk)
+    except APIError as error:
+        yield sse_frame(json.dumps(writer.error_payload(error)), writer.error_event)
     if writer.terminator is not None:
         yield writer.terminator

@@ -18,6 +18,7 @@ from ggufserve.generation.templates import (
     fallback_template,
     shipped_template,
 )
+from ggufserve.models.fingerprint import system_fingerprint
 from ggufserve.models.model_files import resolve
 from ggufserve.settings import ModelEntry, ModelsFileError, ServerSettings
 
@@ -35,6 +36,7 @@ class LoadedParts:
     tool_template: ChatTemplate
     family: Family | None
     embedder: EmbeddingEngine | None
+    system_fingerprint: str  # see ggufserve.models.fingerprint
 
     def close(self) -> None:
         """Free the embedding context, then the engine (which drains its requests)."""
@@ -70,6 +72,7 @@ def load_parts(
         ChatTemplateError: no usable chat template, or one that does not compile.
     """
     path, mmproj = paths
+    fingerprint = system_fingerprint(paths)  # before the engine: nothing to free if stat fails
     engine = LlamaEngine(
         path,
         n_ctx=entry.n_ctx,
@@ -81,6 +84,8 @@ def load_parts(
         max_queued=settings.max_queued_requests,
         mmproj_path=mmproj,
         image_cache_bytes=settings.image_cache_bytes,
+        image_min_tokens=entry.image_min_tokens,
+        image_max_tokens=entry.image_max_tokens,
         load_progress=load_progress,
     )
     try:
@@ -102,7 +107,7 @@ def load_parts(
     except (ModelsFileError, ChatTemplateError, ModelLoadError):
         engine.close()
         raise
-    return LoadedParts(engine, template, tool_template, family, embedder)
+    return LoadedParts(engine, template, tool_template, family, embedder, fingerprint)
 
 
 def _template(

@@ -477,7 +477,7 @@ def test_a_stop_string_ends_the_generation_before_it(make: Callable[..., Harness
 
     (found,) = asyncio.run(scenario())
     assert text(found) == "<20><21>"
-    assert found[-1] == Finished("stop", 2, 3, 0)
+    assert found[-1] == Finished("stop", 2, 3, 0, stop_sequence="<22>")
 
 
 def test_a_full_queue_refuses_and_close_fails_the_waiting(make: Callable[..., Harness]) -> None:

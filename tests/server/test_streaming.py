@@ -449,6 +449,7 @@ def test_completion_stream_bytes_with_echo_and_logprobs() -> None:
             completion_id="cmpl-1",
             created=7,
             served=SimpleNamespace(id="m"),
+            parts=SimpleNamespace(system_fingerprint="fp_0123456789ab"),
             logprobs=1,
             include_usage=False,
             jobs=[[None]],
@@ -458,7 +459,7 @@ def test_completion_stream_bytes_with_echo_and_logprobs() -> None:
         return await drain(sse_stream([source], "req-1", CompletionChunks(prepared, choices)))  # type: ignore[arg-type]
 
     head = '{"id":"cmpl-1","object":"text_completion","created":7,"model":"m",'
-    head += '"system_fingerprint":null,"choices":['
+    head += '"system_fingerprint":"fp_0123456789ab","choices":['
     assert run(main) == [
         f'data: {head}{{"index":0,"text":"AB","logprobs":{{"text_offset":[0,1],'
         '"token_logprobs":[null,-1.0],"tokens":["A","B"],"top_logprobs":[null,{"B":-1.0}]},'

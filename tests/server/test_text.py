@@ -45,3 +45,17 @@ def test_earliest_of_several_stops_wins() -> None:
 
 def test_unfinished_prefix_is_flushed_at_end() -> None:
     assert run(StopScanner(["STOP"]), [b"text ST"]) == ("text ST", False)
+
+
+def test_the_matched_stop_is_the_earliest_in_the_text() -> None:
+    scanner = StopScanner(["END", "!!"])
+    assert scanner.matched is None
+    assert run(scanner, [b"Hi!", b"! and END"]) == ("Hi", True)
+    assert scanner.matched == "!!"
+
+
+def test_no_stop_matched_when_the_text_ends_without_one() -> None:
+    scanner = StopScanner(["END"])
+    run(scanner, [b"Hi EN", b"D?"[:0]])
+    scanner.flush()
+    assert scanner.matched is None
