@@ -3,9 +3,10 @@
 Request and response schemas are generated from the pydantic wire models
 (``models_json_schema``, components under ``#/components/schemas``), so the document
 cannot drift from what the routes validate. Every operation lists the statuses it can
-answer with; errors share OpenAI's envelope. Like vLLM's, the document is behind the API
-key when one is set (only ``/health`` is open): it is no secret, but nothing the key
-protects is served to callers without it.
+answer with; errors share OpenAI's envelope, except on the Anthropic Messages paths
+(``/v1/messages*``: Anthropic's ``{"type": "error", "error": {"type", "message"}}``). Like
+vLLM's, the document is behind the API key when one is set (only ``/health`` is open): it
+is no secret, but nothing the key protects is served to callers without it.
 """
 
 from __future__ import annotations
@@ -13,13 +14,33 @@ from __future__ import annotations
 import functools
 import json
 from importlib import metadata
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, RootModel
 from pydantic.json_schema import models_json_schema
 from starlette.requests import Request
 from starlette.responses import Response
 
+from ggufserve.api.messages_wire import (
+    ContentBlockDeltaEvent,
+    ContentBlockStartEvent,
+    ContentBlockStopEvent,
+    CountTokensRequest,
+    Message,
+    MessageDeltaEvent,
+    MessagesRequest,
+    MessageStartEvent,
+    MessageStopEvent,
+    PingEvent,
+    TokenCount,
+)
+from ggufserve.api.responses_wire import (
+    DeletedResponse,
+    InputItemList,
+    ResponseObject,
+    ResponsesRequest,
+    StreamEvent,
+)
 from ggufserve.api.wire import (
     ChatCompletion,
     ChatCompletionChunk,
@@ -59,6 +80,42 @@ class HealthStatus(BaseModel):
     models: dict[str, str]
 
 
+class AnthropicErrorDetail(BaseModel):
+    """The ``error`` object of Anthropic's error body (``type``: ``invalid_request_error``,
+    ``authentication_error``, ``not_found_error``, ``request_too_large``,
+    ``rate_limit_error``, ``api_error``, ``overloaded_error``)."""
+
+    type: str
+    message: str
+
+
+class AnthropicErrorResponse(BaseModel):
+    """Every error body on ``/v1/messages*``: ``{"type": "error", "error": {"type",
+    "message"}, "request_id"}``."""
+
+    type: Literal["error"]
+    error: AnthropicErrorDetail
+    request_id: str | None = None
+
+
+class ResponseStreamEvent(RootModel[StreamEvent]):
+    """One event of a ``/v1/responses`` stream; its ``type`` is the SSE ``event:`` name."""
+
+
+class MessageStreamEvent(
+    RootModel[
+        MessageStartEvent
+        | PingEvent
+        | ContentBlockStartEvent
+        | ContentBlockDeltaEvent
+        | ContentBlockStopEvent
+        | MessageDeltaEvent
+        | MessageStopEvent
+    ]
+):
+    """One event of a ``/v1/messages`` stream; its ``type`` is the SSE ``event:`` name."""
+
+
 _MODELS: list[type[BaseModel]] = [
     ChatCompletionRequest,
     ChatCompletion,
@@ -70,6 +127,17 @@ _MODELS: list[type[BaseModel]] = [
     ModelList,
     ErrorResponse,
     HealthStatus,
+    ResponsesRequest,
+    ResponseObject,
+    ResponseStreamEvent,
+    DeletedResponse,
+    InputItemList,
+    MessagesRequest,
+    Message,
+    MessageStreamEvent,
+    CountTokensRequest,
+    TokenCount,
+    AnthropicErrorResponse,
 ]
 
 # Status → when, for the errors each kind of operation can answer with.
@@ -84,6 +152,27 @@ _REQUEST_ERRORS = {
     "500": "Unexpected failure (the message carries a request id only).",
     "503": "Model loading, failed to load, out of memory budget, or server draining.",
 }
+_RESPONSES_ERRORS = {
+    **_REQUEST_ERRORS,
+    "404": "Unknown model (`model_not_found`) or `previous_response_id` (not stored).",
+}
+_STORED_ERRORS = {**_AUTH, "404": "No stored response with that id (unknown, deleted, expired)."}
+# Anthropic's statuses (the body's error.type follows the status).
+_MESSAGES_ERRORS = {
+    "400": "Invalid request (`invalid_request_error`).",
+    "401": "API key missing or wrong (`authentication_error`; `x-api-key` or Bearer).",
+    "404": "Unknown model (`not_found_error`).",
+    "413": "Body larger than --max-request-bytes (`request_too_large`).",
+    "415": "Content-Type is not JSON (`invalid_request_error`).",
+    "429": "The model's queue is full (`rate_limit_error`, `Retry-After`).",
+    "500": "Unexpected failure (`api_error`; the message carries a request id only).",
+    "503": "Model loading, out of memory budget, or server draining (`overloaded_error`).",
+}
+_MESSAGES_SECURITY: list[dict[str, list[str]]] = [{"bearer": []}, {"x-api-key": []}]
+_TYPED_SSE_DESCRIPTION = (
+    "With `stream: true`: typed server-sent events (`event:` is the payload's `type`, "
+    "`data` its JSON) and no `[DONE]`."
+)
 _SSE_DESCRIPTION = (
     "With `stream: true`: one server-sent event per chunk (`data` holds its JSON), an "
     "error event (`data` holds an ErrorResponse) if the generation fails after the first "
@@ -99,10 +188,9 @@ def _json(name: str) -> dict[str, Any]:
     return {"application/json": {"schema": _ref(name)}}
 
 
-def _errors(statuses: dict[str, str]) -> dict[str, Any]:
+def _errors(statuses: dict[str, str], schema: str = "ErrorResponse") -> dict[str, Any]:
     return {
-        status: {"description": why, "content": _json("ErrorResponse")}
-        for status, why in statuses.items()
+        status: {"description": why, "content": _json(schema)} for status, why in statuses.items()
     }
 
 
@@ -119,19 +207,125 @@ def _event(chunk: str) -> dict[str, Any]:
     }
 
 
-def _post(summary: str, request: str, reply: str, chunk: str | None) -> dict[str, Any]:
+def _typed_event(event: str, error: str | None) -> dict[str, Any]:
+    """One typed server-sent event (Responses, Messages): ``event`` names the payload's
+    type, ``data`` holds an ``event`` (or, after a failure, an ``error``) as JSON."""
+    payload = _ref(event) if error is None else {"anyOf": [_ref(event), _ref(error)]}
+    json_data = {"type": "string", "contentMediaType": "application/json", "contentSchema": payload}
+    return {
+        "type": "object",
+        "description": _TYPED_SSE_DESCRIPTION,
+        "properties": {"event": {"type": "string"}, "data": json_data},
+        "required": ["event", "data"],
+    }
+
+
+def _post(
+    summary: str,
+    request: str,
+    reply: str,
+    chunk: str | None,
+    *,
+    stream: dict[str, Any] | None = None,
+    errors: dict[str, str] = _REQUEST_ERRORS,
+    error_schema: str = "ErrorResponse",
+) -> dict[str, Any]:
     content = _json(reply)
     if chunk is not None:
         content["text/event-stream"] = {"schema": _event(chunk)}
+    if stream is not None:
+        content["text/event-stream"] = {"schema": stream}
     return {
         "post": {
             "summary": summary,
             "requestBody": {"required": True, "content": _json(request)},
             "responses": {
                 "200": {"description": "OK", "content": content},
-                **_errors(_REQUEST_ERRORS),
+                **_errors(errors, error_schema),
             },
         }
+    }
+
+
+def _messages_post(summary: str, request: str, reply: str, stream: bool) -> dict[str, Any]:
+    """An Anthropic Messages operation: Anthropic's errors, ``x-api-key`` or Bearer."""
+    events = _typed_event("MessageStreamEvent", "AnthropicErrorResponse") if stream else None
+    item = _post(
+        summary,
+        request,
+        reply,
+        None,
+        stream=events,
+        errors=_MESSAGES_ERRORS,
+        error_schema="AnthropicErrorResponse",
+    )
+    item["post"]["security"] = _MESSAGES_SECURITY
+    return item
+
+
+_RESPONSE_ID = {
+    "name": "response_id",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "string"},
+    "description": "A stored response's id (`resp_...`).",
+}
+
+
+def _responses_paths() -> dict[str, Any]:
+    """The Responses API's operations: create, retrieve, delete, list input items."""
+    retrieve = _get("A stored response", _json("ResponseObject"), _STORED_ERRORS)
+    retrieve["get"]["responses"]["400"] = {
+        "description": "`stream=true` (replaying a stored response is not supported).",
+        "content": _json("ErrorResponse"),
+    }
+    retrieve["get"]["parameters"] = [
+        {"name": "stream", "in": "query", "required": False, "schema": {"type": "string"}}
+    ]
+    delete = {
+        "delete": {
+            "summary": "Forget a stored response",
+            "responses": {
+                "200": {"description": "OK", "content": _json("DeletedResponse")},
+                **_errors(_STORED_ERRORS),
+            },
+        }
+    }
+    items = _get("A stored response's input items", _json("InputItemList"), _STORED_ERRORS)
+    items["get"]["responses"]["400"] = {
+        "description": "A bad `order`, `limit` or `after`.",
+        "content": _json("ErrorResponse"),
+    }
+    items["get"]["parameters"] = [
+        {
+            "name": "order",
+            "in": "query",
+            "required": False,
+            "schema": {"type": "string", "enum": ["asc", "desc"]},
+        },
+        {
+            "name": "limit",
+            "in": "query",
+            "required": False,
+            "schema": {"type": "integer", "minimum": 1, "maximum": 100},
+        },
+        {"name": "after", "in": "query", "required": False, "schema": {"type": "string"}},
+    ]
+    return {
+        "/v1/responses": _post(
+            "Response (OpenAI Responses API)",
+            "ResponsesRequest",
+            "ResponseObject",
+            None,
+            stream=_typed_event("ResponseStreamEvent", None),
+            errors=_RESPONSES_ERRORS,
+        ),
+        "/v1/responses/{response_id}": {
+            "parameters": [_RESPONSE_ID],
+            **retrieve,
+            **delete,
+        },
+        "/v1/responses/{response_id}/input_items": {"parameters": [_RESPONSE_ID], **items},
     }
 
 
@@ -159,6 +353,13 @@ def _paths() -> dict[str, Any]:
             "Text completion", "CompletionRequest", "Completion", "Completion"
         ),
         "/v1/embeddings": _post("Embeddings", "EmbeddingRequest", "EmbeddingResponse", None),
+        **_responses_paths(),
+        "/v1/messages": _messages_post(
+            "Message (Anthropic Messages API)", "MessagesRequest", "Message", stream=True
+        ),
+        "/v1/messages/count_tokens": _messages_post(
+            "Prompt tokens of a Messages request", "CountTokensRequest", "TokenCount", stream=False
+        ),
         "/v1/models": _get("Servable models and their load state", _json("ModelList"), _AUTH),
         "/health": health,
         "/metrics": _get(
@@ -176,6 +377,7 @@ def build_document() -> dict[str, Any]:
     _, schemas = models_json_schema(
         [(model, "validation") for model in _MODELS], ref_template=REF_TEMPLATE
     )
+    _any_of_open_unions(schemas)
     return {
         "openapi": OPENAPI_VERSION,
         "info": {
@@ -191,11 +393,31 @@ def build_document() -> dict[str, Any]:
                     "type": "http",
                     "scheme": "bearer",
                     "description": "The --api-key value (required only when one is set).",
-                }
+                },
+                "x-api-key": {
+                    "type": "apiKey",
+                    "in": "header",
+                    "name": "x-api-key",
+                    "description": "The --api-key value, as Anthropic's clients send it.",
+                },
             },
         },
         "security": [{"bearer": []}],
     }
+
+
+def _any_of_open_unions(node: Any) -> None:
+    """Unions picked by a callable discriminator (known kinds, else an ``Other*`` model
+    that takes any ``type``) overlap: ``anyOf``, not ``oneOf`` (which would refuse a known
+    kind for matching two branches). Unions with a ``discriminator`` mapping stay."""
+    if isinstance(node, dict):
+        if "oneOf" in node and "discriminator" not in node:
+            node["anyOf"] = node.pop("oneOf")
+        for value in node.values():
+            _any_of_open_unions(value)
+    elif isinstance(node, list):
+        for value in node:
+            _any_of_open_unions(value)
 
 
 def _version() -> str:

@@ -4,6 +4,7 @@ responses' ``GET`` / ``DELETE /v1/responses/{id}`` and ``GET .../input_items``."
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import anyio.to_thread
@@ -25,6 +26,7 @@ STORE_FILE = "responses.sqlite3"
 # input_items pages: OpenAI's default and largest page sizes.
 DEFAULT_PAGE = 20
 MAX_PAGE = 100
+LIMIT = re.compile(r"[0-9]{1,3}")
 
 
 def install(app: Starlette, settings: ServerSettings, chat: ChatService) -> ResponseStore:
@@ -77,7 +79,8 @@ async def retrieve_response(request: Request) -> Response:
             "Streaming a stored response again is not supported.", param="stream"
         )
     _, stored = await _stored(request)
-    return JSONResponse(stored.response)
+    # A stored response may hold megabytes (long instructions, tools): encoded off the loop.
+    return await anyio.to_thread.run_sync(JSONResponse, stored.response)
 
 
 async def delete_response(request: Request) -> Response:
@@ -107,13 +110,23 @@ async def list_input_items(request: Request) -> Response:
     if order not in ("asc", "desc"):
         raise InvalidRequestError("order must be 'asc' or 'desc'.", param="order")
     limit_text = query.get("limit", str(DEFAULT_PAGE))
-    if not limit_text.isdigit() or not 1 <= int(limit_text) <= MAX_PAGE:
+    # ASCII digits only: str.isdigit() takes '²' and int() refuses 5,000-digit strings.
+    if not LIMIT.fullmatch(limit_text) or not 1 <= int(limit_text) <= MAX_PAGE:
         raise InvalidRequestError(f"limit must be an integer from 1 to {MAX_PAGE}.", param="limit")
     _, stored = await _stored(request)
-    items: list[dict[str, Any]] = list(stored.input_items)
-    if order == "desc":
-        items.reverse()
-    after = query.get("after")
+    # Items may hold megabytes (data-URL images): paged and encoded off the event loop.
+    return await anyio.to_thread.run_sync(
+        _page, stored.input_items, order, query.get("after"), int(limit_text)
+    )
+
+
+def _page(items: list[dict[str, Any]], order: str, after: str | None, limit: int) -> JSONResponse:
+    """One page of ``items`` (in ``order``, after the item ``after``) as the response.
+
+    Raises:
+        InvalidRequestError: no item has the id ``after``.
+    """
+    items = items[::-1] if order == "desc" else list(items)
     if after is not None:
         ids = [item.get("id") for item in items]
         if after not in ids:
@@ -121,7 +134,7 @@ async def list_input_items(request: Request) -> Response:
                 f"No input item '{after[:100]}' in this response.", param="after"
             )
         items = items[ids.index(after) + 1 :]
-    page = items[: int(limit_text)]
+    page = items[:limit]
     body = InputItemList(
         data=page,
         first_id=page[0]["id"] if page else None,

@@ -32,8 +32,11 @@ def _kind(known: frozenset[str], default: str | None = None) -> Any:
     (``default`` when ``type`` is absent)."""
 
     def pick(value: Any) -> str:
-        kind = value.get("type", default) if isinstance(value, dict) else value.type
-        return kind if kind in known else "other"
+        # Any JSON value may arrive here (a number, a list, an unhashable ``type``).
+        kind = (
+            value.get("type", default) if isinstance(value, dict) else getattr(value, "type", None)
+        )
+        return kind if isinstance(kind, str) and kind in known else "other"
 
     return Discriminator(pick)
 
@@ -110,6 +113,7 @@ class FunctionCallItem(StrictModel):
     call_id: str
     name: str
     arguments: str
+    namespace: str | None = None
     id: str | None = None
     status: str | None = None
 
@@ -179,14 +183,48 @@ class FunctionTool(StrictModel):
 
 
 class OtherTool(StrictModel):
-    """A hosted or custom tool (``web_search``, ``file_search``, ``mcp``, ...): refused."""
+    """A hosted or custom tool (``web_search``, ``file_search``, ``mcp``, ``custom``...):
+    hosted ones are ignored, others refused (see ``HOSTED_TOOLS``)."""
 
     type: str
 
 
-Tool = Annotated[
+# Tools OpenAI's servers run themselves: nothing here can run them, so they are left out
+# of the prompt (agents such as Codex send web_search with every request).
+HOSTED_TOOLS = frozenset(
+    {
+        "web_search",
+        "web_search_preview",
+        "file_search",
+        "code_interpreter",
+        "image_generation",
+        "computer_use_preview",
+        "mcp",
+        "tool_search",
+    }
+)
+
+InnerTool = Annotated[
     Annotated[FunctionTool, Tag("function")] | Annotated[OtherTool, Tag("other")],
     _kind(frozenset({"function"})),
+]
+
+
+class NamespaceTool(StrictModel):
+    """Function tools grouped under a name (``multi_agent_v1``); the model sees each as
+    ``<namespace>.<name>`` and its calls come back with ``namespace`` set."""
+
+    type: Literal["namespace"]
+    name: Annotated[str, Field(min_length=1, max_length=32, pattern=r"^[A-Za-z0-9_\-]+$")]
+    description: str | None = None
+    tools: Annotated[list[InnerTool], Field(max_length=128)]
+
+
+Tool = Annotated[
+    Annotated[FunctionTool, Tag("function")]
+    | Annotated[NamespaceTool, Tag("namespace")]
+    | Annotated[OtherTool, Tag("other")],
+    _kind(frozenset({"function", "namespace"})),
 ]
 
 
@@ -313,6 +351,16 @@ class OutputFunctionCall(BaseModel):
     name: str
     arguments: str
     status: ItemStatus
+    namespace: str | None = None
+
+    @classmethod
+    def named(cls, chat_name: str, namespaces: frozenset[str], **fields: Any) -> OutputFunctionCall:
+        """The call of chat tool ``chat_name``: ``<namespace>.<name>`` for a tool of one of
+        the request's ``namespaces`` comes back as ``name`` with ``namespace`` set."""
+        space, dot, name = chat_name.partition(".")
+        if dot and space in namespaces:
+            return cls(name=name, namespace=space, **fields)
+        return cls(name=chat_name, **fields)
 
 
 OutputItem = OutputMessage | OutputReasoning | OutputFunctionCall

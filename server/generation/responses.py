@@ -24,6 +24,7 @@ import anyio.to_thread
 from ggufserve.api.responses_wire import (
     FunctionChoice,
     FunctionTool,
+    NamespaceTool,
     ReasoningEcho,
     ResponseObject,
     ResponsesRequest,
@@ -41,7 +42,12 @@ from ggufserve.generation.responses_input import (
     stored_items,
     translate,
 )
-from ggufserve.generation.responses_output import finished_response, output_items, response_usage
+from ggufserve.generation.responses_output import (
+    finished_response,
+    output_items,
+    response_usage,
+    tool_namespaces,
+)
 from ggufserve.generation.streaming import sse_stream
 from ggufserve.models.served_model import Lease
 
@@ -150,7 +156,7 @@ class ResponsesService:
 
         def finish() -> ResponseObject:
             totals = response_usage(completion.usage, self._count(prepared, reasoning))
-            items = output_items(choice, suffix)
+            items = output_items(choice, suffix, tool_namespaces(prepared.shell))
             final = finished_response(
                 prepared.shell, items, choice.finish_reason, totals, self._clock()
             )
@@ -159,21 +165,31 @@ class ResponsesService:
 
         return await anyio.to_thread.run_sync(finish)
 
-    def stream(
+    async def stream(
         self, prepared: PreparedResponse, generations: list[Generation], request_id: str
     ) -> AsyncIterator[str]:
         """The response's typed events (see :class:`ResponseEvents`); stored at the end
-        when asked."""
-        return sse_stream(generations, request_id, self.writer(prepared, generations))
+        when asked, before the last event is sent (so a chained request finds it)."""
+        writer = self.writer(prepared, generations, defer_final=True)
+        async for frame in sse_stream(generations, request_id, writer):
+            yield frame
+        # Re-tokenizing the reasoning and writing the store: off the event loop.
+        final = await anyio.to_thread.run_sync(writer.final_frame)
+        if final is not None:
+            yield final
 
-    def writer(self, prepared: PreparedResponse, generations: list[Generation]) -> ResponseEvents:
-        """The stream's event writer, over the chat path's chunk writer."""
+    def writer(
+        self, prepared: PreparedResponse, generations: list[Generation], defer_final: bool = False
+    ) -> ResponseEvents:
+        """The stream's event writer, over the chat path's chunk writer (``defer_final``:
+        see :class:`ResponseEvents`)."""
         return ResponseEvents(
             self._chat.writer(prepared.chat, generations),
             prepared.shell,
             lambda text: self._count(prepared, text),
             lambda final: self._keep(prepared, final),
             self._clock,
+            defer_final,
         )
 
     @staticmethod
@@ -229,7 +245,7 @@ def _shell(body: ResponsesRequest, response_id: str, model: str, now: float) -> 
         tools=[
             tool.model_dump(exclude_none=True)
             for tool in body.tools or []
-            if isinstance(tool, FunctionTool)
+            if isinstance(tool, (FunctionTool, NamespaceTool))
         ],
         top_p=body.top_p,
         user=body.user,

@@ -36,8 +36,13 @@ from ggufserve.api.wire import Delta
 from ggufserve.engine.base import Finished, PromptLogprobs, TextDelta
 from ggufserve.errors import APIError
 from ggufserve.generation.chat_reply import ChatChunks, usage
-from ggufserve.generation.responses_output import finished_response, item_id, response_usage
-from ggufserve.generation.streaming import StreamWriter
+from ggufserve.generation.responses_output import (
+    finished_response,
+    item_id,
+    response_usage,
+    tool_namespaces,
+)
+from ggufserve.generation.streaming import StreamWriter, sse_frame
 
 # The error codes OpenAI's ResponseError allows that fit this server's failures.
 FAILURE_CODES = {400: "invalid_prompt", 429: "rate_limit_exceeded"}
@@ -68,6 +73,8 @@ class ResponseEvents(StreamWriter):
         count_reasoning: Tokens of a reasoning text (for ``reasoning_tokens``).
         on_done: Called with the final response (to store it).
         clock: Unix time in seconds.
+        defer_final: Leave the last event out of :meth:`closing`; the caller gets it from
+            :meth:`final_frame` in a worker thread (it tokenizes and writes the store).
     """
 
     terminator = None
@@ -80,7 +87,10 @@ class ResponseEvents(StreamWriter):
         count_reasoning: Callable[[str], int],
         on_done: Callable[[ResponseObject], None],
         clock: Callable[[], float],
+        defer_final: bool = False,
     ):
+        self._defer_final = defer_final
+        self._finished: list[Finished] | None = None
         self._chunks = chunks
         self._shell = shell
         self._suffix = shell.id.removeprefix("resp_")
@@ -124,6 +134,21 @@ class ResponseEvents(StreamWriter):
         return out
 
     def closing(self, finished: list[Finished]) -> list[StreamEvent]:
+        if self._defer_final:
+            self._finished = finished
+            return []
+        return self._final(finished)
+
+    def final_frame(self) -> str | None:
+        """The deferred last event as its SSE frame, the final response stored first (CPU
+        and disk work: call it in a worker thread); None when the stream did not end
+        normally (a failure, a client gone) or nothing was deferred."""
+        if self._finished is None:
+            return None
+        (event,) = self._final(self._finished)
+        return sse_frame(event.model_dump_json(), event.type)
+
+    def _final(self, finished: list[Finished]) -> list[StreamEvent]:
         totals = response_usage(usage(finished), self._count_reasoning("".join(self._reasoning)))
         final = finished_response(
             self._shell, self._items, self._finish_reason, totals, self._clock()
@@ -282,15 +307,15 @@ class ResponseEvents(StreamWriter):
             return ReasoningTextOut(text=text)
         return None
 
-    @staticmethod
-    def _item(opened: _OpenItem, status: Any) -> OutputItem:
+    def _item(self, opened: _OpenItem, status: Any) -> OutputItem:
         """The item as added (``in_progress``: no content yet) or done (its full text)."""
         text = "".join(opened.text)
         if opened.kind == "function_call":
-            return OutputFunctionCall(
+            return OutputFunctionCall.named(
+                opened.name,
+                tool_namespaces(self._shell),
                 id=opened.id,
                 call_id=opened.call_id,
-                name=opened.name,
                 arguments=text,
                 status=status,
             )

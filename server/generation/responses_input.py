@@ -17,13 +17,16 @@ from pydantic import TypeAdapter, ValidationError
 
 from ggufserve.api.refusals import NEUTRAL_SERVICE_TIERS
 from ggufserve.api.responses_wire import (
+    HOSTED_TOOLS,
     FunctionCallItem,
     FunctionCallOutputItem,
     FunctionChoice,
+    FunctionTool,
     InputImage,
     InputItem,
     InputText,
     MessageItem,
+    NamespaceTool,
     OtherChoice,
     OtherItem,
     OtherPart,
@@ -119,11 +122,20 @@ def refuse_response_fields(body: ResponsesRequest) -> None:
                 f"include '{value[:64]}' is not supported.", param=f"include.{index}"
             )
     for index, tool in enumerate(body.tools or []):
-        if isinstance(tool, OtherTool):
+        if isinstance(tool, OtherTool) and tool.type not in HOSTED_TOOLS:
             raise InvalidRequestError(
-                f"Tools of type '{tool.type[:64]}' are not supported; only 'function' tools.",
+                f"Tools of type '{tool.type[:64]}' are not supported; only 'function' and "
+                "'namespace' tools (hosted tools such as 'web_search' are ignored).",
                 param=f"tools.{index}",
             )
+        inner = tool.tools if isinstance(tool, NamespaceTool) else []
+        for position, member in enumerate(inner):
+            if isinstance(member, OtherTool):
+                raise InvalidRequestError(
+                    f"Tools of type '{member.type[:64]}' are not supported in a namespace; "
+                    "only 'function' tools.",
+                    param=f"tools.{index}.tools.{position}",
+                )
     if isinstance(body.tool_choice, OtherChoice):
         raise InvalidRequestError(
             f"tool_choice of type '{body.tool_choice.type[:64]}' is not supported; send "
@@ -203,11 +215,13 @@ def translate(body: ResponsesRequest, history: list[Any]) -> Translated:
 
 def _tools(body: ResponsesRequest) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    if body.tools:
-        out["tools"] = [
-            {"type": "function", "function": tool.model_dump(exclude={"type"}, exclude_none=True)}
-            for tool in body.tools
-        ]
+    tools = [
+        {"type": "function", "function": function}
+        for tool in body.tools or []
+        for function in _functions(tool)
+    ]
+    if tools:
+        out["tools"] = tools
     choice = body.tool_choice
     if isinstance(choice, FunctionChoice):
         out["tool_choice"] = {"type": "function", "function": {"name": choice.name}}
@@ -216,6 +230,23 @@ def _tools(body: ResponsesRequest) -> dict[str, Any]:
     if body.parallel_tool_calls is not None:
         out["parallel_tool_calls"] = body.parallel_tool_calls
     return out
+
+
+def _functions(tool: Any) -> list[dict[str, Any]]:
+    """A request tool as chat function definitions: a function tool as itself, a namespace
+    tool's functions as ``<namespace>.<name>``, a hosted tool as none."""
+    if isinstance(tool, FunctionTool):
+        return [tool.model_dump(exclude={"type"}, exclude_none=True)]
+    if isinstance(tool, NamespaceTool):
+        return [
+            {
+                **member.model_dump(exclude={"type"}, exclude_none=True),
+                "name": f"{tool.name}.{member.name}",
+            }
+            for member in tool.tools
+            if isinstance(member, FunctionTool)
+        ]
+    return []
 
 
 def _response_format(body: ResponsesRequest) -> dict[str, Any]:
@@ -236,13 +267,20 @@ def _response_format(body: ResponsesRequest) -> dict[str, Any]:
 
 class _Messages:
     """Chat messages built item by item; consecutive assistant-side items (reasoning, a
-    message, function calls: one earlier turn's output) merge into one assistant message."""
+    message, function calls: one earlier turn's output) merge into one assistant message,
+    and consecutive system (``developer``) or user messages into one, as agents send them
+    (Codex: two developer messages, then two user messages) and templates that need turns
+    to alternate (Gemma 3) require."""
 
     def __init__(self) -> None:
         self.messages: list[dict[str, Any]] = []
         self.origins: list[str] = []
 
     def add(self, message: dict[str, Any], origin: str) -> None:
+        last = self.messages[-1] if self.messages else None
+        if last is not None and last["role"] == message["role"] in ("system", "user"):
+            last["content"] = _joined(last["content"], message["content"])
+            return
         self.messages.append(message)
         self.origins.append(origin)
 
@@ -258,7 +296,10 @@ class _Messages:
             call = {
                 "id": item.call_id,
                 "type": "function",
-                "function": {"name": item.name, "arguments": item.arguments},
+                "function": {
+                    "name": f"{item.namespace}.{item.name}" if item.namespace else item.name,
+                    "arguments": item.arguments,
+                },
             }
             self._assistant(origin).setdefault("tool_calls", []).append(call)
         elif isinstance(item, FunctionCallOutputItem):
@@ -303,6 +344,17 @@ class _Messages:
             else:
                 parts.append({"type": "text", "text": _part_text(part, where)})
         self.add({"role": role, "content": parts}, origin)
+
+
+def _joined(first: str | list[Any], second: str | list[Any]) -> str | list[Any]:
+    """Two messages' contents as one, a blank line between their texts."""
+    if isinstance(first, str) and isinstance(second, str):
+        return f"{first}\n\n{second}"
+
+    def parts(content: str | list[Any]) -> list[Any]:
+        return [{"type": "text", "text": content}] if isinstance(content, str) else content
+
+    return [*parts(first), {"type": "text", "text": "\n\n"}, *parts(second)]
 
 
 def _image_url(part: InputImage, where: str) -> str:

@@ -69,10 +69,18 @@ def finished_response(
     )
 
 
-def output_items(choice: Choice, suffix: str) -> list[OutputItem]:
+def tool_namespaces(shell: ResponseObject) -> frozenset[str]:
+    """The names of the request's namespace tools (echoed in the response's ``tools``)."""
+    return frozenset(tool["name"] for tool in shell.tools if tool.get("type") == "namespace")
+
+
+def output_items(
+    choice: Choice, suffix: str, namespaces: frozenset[str] = frozenset()
+) -> list[OutputItem]:
     """A chat choice's message as output items: reasoning, the message (also when empty
-    and no call was made), then one ``function_call`` per tool call; the last item is
-    ``incomplete`` when the reply was cut at its token limit."""
+    and no call was made), then one ``function_call`` per tool call (a call of a
+    ``namespaces`` tool with its ``namespace``); the last item is ``incomplete`` when the
+    reply was cut at its token limit."""
     message = choice.message
     out: list[OutputItem] = []
     if message.reasoning_content:
@@ -93,10 +101,11 @@ def output_items(choice: Choice, suffix: str) -> list[OutputItem]:
         )
     for call in message.tool_calls or []:
         out.append(
-            OutputFunctionCall(
+            OutputFunctionCall.named(
+                call.function.name,
+                namespaces,
                 id=item_id("function_call", suffix, len(out)),
                 call_id=call.id,
-                name=call.function.name,
                 arguments=call.function.arguments,
                 status="completed",
             )

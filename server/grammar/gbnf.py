@@ -11,6 +11,7 @@ from llama_cpp.llama_grammar import PRIMITIVE_RULES, SPACE_RULE, SchemaConverter
 
 from ggufserve.grammar.cost import DEFAULT_LIMITS, GrammarLimits
 from ggufserve.grammar.keywords import ANY_TYPES, UnsupportedSchemaError, join, spellable
+from ggufserve.grammar.relax import relaxed
 from ggufserve.grammar.schema import SchemaNormalizer
 
 # The converter's string character admits raw control characters, which JSON forbids
@@ -113,7 +114,9 @@ def tool_calls_gbnf(
     Each call's JSON is exactly ``{"name": <a tool name>, "<arguments_key>": <arguments>}``
     (name first), the arguments following that tool's ``parameters`` schema as in
     :func:`json_schema_gbnf`. A tool without ``parameters`` takes no arguments: ``{}``
-    (OpenAI's meaning); ``parameters: {}`` accepts any object.
+    (OpenAI's meaning); ``parameters: {}`` accepts any object. A function without
+    ``strict: true`` is held to the part of its schema the grammar can enforce (see
+    :func:`ggufserve.grammar.relax.relaxed`); a strict one to all of it, or refused.
 
     Args:
         tools: OpenAI tool dicts ``{"type": "function", "function": {"name", "parameters"}}``.
@@ -128,7 +131,8 @@ def tool_calls_gbnf(
         UnsupportedSchemaError: no tools; a tool that is not a function, has no usable
             name (empty, repeated, or with quotes, backslashes or control characters), or
             whose ``parameters`` is not an object schema; or anything
-            :func:`ggufserve.grammar.check_schema` refuses in ``parameters`` (paths start
+            :func:`ggufserve.grammar.check_schema` refuses in a strict function's
+            ``parameters`` (in another's, what it refuses after relaxing; paths start
             with ``tools[i].function.parameters``), or tools past ``limits`` together.
     """
     document = _calls_document(tools, syntax.arguments_key, limits)
@@ -192,7 +196,8 @@ def _function(tool: Any, index: int, names: set[str]) -> tuple[str, Any]:
         raise UnsupportedSchemaError(
             "type", join(path, "function.parameters"), "must be 'object' for function arguments"
         )
-    return name, parameters
+    # Only a strict function promises its schema in full (OpenAI's meaning of ``strict``).
+    return name, parameters if function.get("strict") is True else relaxed(parameters)
 
 
 def _literal(text: str) -> str:

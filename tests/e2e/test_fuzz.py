@@ -29,6 +29,8 @@ from schemathesis.checks import (
 )
 from schemathesis.core.failures import FailureGroup
 
+from ggufserve.api.messages_routes import routes as messages_routes
+from ggufserve.api.responses_routes import routes as responses_routes
 from ggufserve.api.routes import routes
 from tests.conftest import RunningServer, model_entry
 from tests.e2e.conftest import MODEL
@@ -63,12 +65,21 @@ def bounded(document: dict[str, Any]) -> dict[str, Any]:
     their generation capped (the document itself allows 8k-token generations)."""
     out = copy.deepcopy(document)
     schemas = out["components"]["schemas"]
-    for name in ("ChatCompletionRequest", "CompletionRequest", "EmbeddingRequest"):
+    for name in (
+        "ChatCompletionRequest",
+        "CompletionRequest",
+        "EmbeddingRequest",
+        "ResponsesRequest",
+        "MessagesRequest",
+        "CountTokensRequest",
+    ):
         schemas[name]["properties"]["model"] = {"const": MODEL}
     for name, field, low in (
         ("ChatCompletionRequest", "max_tokens", 1),
         ("ChatCompletionRequest", "max_completion_tokens", 1),
         ("CompletionRequest", "max_tokens", 0),
+        ("ResponsesRequest", "max_output_tokens", 1),
+        ("MessagesRequest", "max_tokens", 1),
     ):
         schemas[name]["properties"][field] = {
             "type": "integer",
@@ -77,6 +88,7 @@ def bounded(document: dict[str, Any]) -> dict[str, Any]:
         }
     schemas["ChatCompletionRequest"]["required"].append("max_tokens")
     schemas["CompletionRequest"]["required"].append("max_tokens")
+    schemas["ResponsesRequest"].setdefault("required", []).append("max_output_tokens")
     for name in ("ChatCompletionRequest", "CompletionRequest"):
         schemas[name]["properties"]["n"] = {
             "type": "integer",
@@ -144,10 +156,16 @@ def test_fuzz_every_operation(fuzz_schema: Any, fuzz_server: RunningServer) -> N
         "POST /v1/embeddings",
         "GET /v1/models",
         "GET /health",
+        "POST /v1/responses",
+        "GET /v1/responses/{response_id}",
+        "DELETE /v1/responses/{response_id}",
+        "GET /v1/responses/{response_id}/input_items",
+        "POST /v1/messages",
+        "POST /v1/messages/count_tokens",
     }
     for operation in operations:
         modes = [GenerationMode.POSITIVE]
-        if operation.method.upper() == "POST":
+        if operation.method.upper() != "GET" or "{" in operation.path:  # takes input
             modes.append(GenerationMode.NEGATIVE)
         for mode in modes:
             fuzz_operation(operation, mode, fuzz_server, failures)
@@ -190,7 +208,7 @@ def validator(document: dict[str, Any], name: str) -> jsonschema.Draft202012Vali
 def test_openapi_document_is_openapi_3_1(document: dict[str, Any]) -> None:
     assert document["openapi"].startswith("3.1.")
     assert document["info"]["title"] == "ggufserve" and document["info"]["version"]
-    served = {route.path for route in routes}
+    served = {route.path for route in [*routes, *messages_routes, *responses_routes]}
     assert set(document["paths"]) == served
     schemas = document["components"]["schemas"]
     for schema in schemas.values():
@@ -199,20 +217,33 @@ def test_openapi_document_is_openapi_3_1(document: dict[str, Any]) -> None:
     for ref in refs(document):
         assert ref.startswith(prefix) and ref[len(prefix) :] in schemas, ref
     for path, item in document["paths"].items():
+        # Anthropic's error body on its paths, OpenAI's envelope everywhere else.
+        error = "AnthropicErrorResponse" if path.startswith("/v1/messages") else "ErrorResponse"
         for method, operation in item.items():
-            assert method in {"get", "post"}, (path, method)
+            if method == "parameters":  # shared by the path's operations
+                assert all(p["in"] == "path" and p["required"] for p in operation), path
+                continue
+            assert method in {"get", "post", "delete"}, (path, method)
             responses = operation["responses"]
             assert "200" in responses, path
             for status, response in responses.items():
                 assert response["description"], (path, status)
                 if status.startswith(("4", "5")) and path != "/health":
                     schema = response["content"]["application/json"]["schema"]
-                    assert schema == {"$ref": prefix + "ErrorResponse"}, (path, status)
+                    assert schema == {"$ref": prefix + error}, (path, status)
     chat = document["paths"]["/v1/chat/completions"]["post"]
     body = chat["requestBody"]["content"]["application/json"]["schema"]
     assert body == {"$ref": prefix + "ChatCompletionRequest"}
     assert {"400", "401", "404", "413", "429", "500", "503"} <= set(chat["responses"])
     assert document["paths"]["/health"]["get"]["security"] == []
+    messages = document["paths"]["/v1/messages"]["post"]
+    assert {"x-api-key": []} in messages["security"]
+    assert document["components"]["securitySchemes"]["x-api-key"]["in"] == "header"
+    assert {"400", "401", "404", "413", "429", "500", "503"} <= set(messages["responses"])
+    responses = document["paths"]["/v1/responses"]["post"]
+    body = responses["requestBody"]["content"]["application/json"]["schema"]
+    assert body == {"$ref": prefix + "ResponsesRequest"}
+    assert "text/event-stream" in responses["responses"]["200"]["content"]
 
 
 @pytest.mark.e2e
@@ -246,9 +277,19 @@ def test_replies_match_the_document(document: dict[str, Any], fuzz_server: Runni
             "EmbeddingResponse": http.post("/v1/embeddings", json={"model": MODEL, "input": "Hi"}),
             "ErrorResponse": http.post("/v1/chat/completions", json={**chat, "top_k": -1}),
             "HealthStatus": http.get("/health"),
+            "ResponseObject": http.post(
+                "/v1/responses", json={"model": MODEL, "input": "Hi", "max_output_tokens": 2}
+            ),
+            "Message": http.post("/v1/messages", json={**chat, "max_tokens": 2}),
+            "TokenCount": http.post("/v1/messages/count_tokens", json={**chat}),
+            "AnthropicErrorResponse": http.post("/v1/messages", json={**chat, "top_k": -1}),
         }
+        stored = replies["ResponseObject"].json()["id"]
+        replies["InputItemList"] = http.get(f"/v1/responses/{stored}/input_items")
+        replies["DeletedResponse"] = http.delete(f"/v1/responses/{stored}")
     for name, reply in replies.items():
-        assert reply.status_code == (400 if name == "ErrorResponse" else 200), reply.text
+        failed = name in ("ErrorResponse", "AnthropicErrorResponse")
+        assert reply.status_code == (400 if failed else 200), reply.text
         validator(document, name).validate(reply.json())
     with pytest.raises(jsonschema.ValidationError):
         validator(document, "ChatCompletion").validate(replies["ErrorResponse"].json())

@@ -167,6 +167,48 @@ def test_tool_call_round_trip(client: openai.OpenAI) -> None:
     assert second.usage.input_tokens_details.cached_tokens >= first.usage.input_tokens
 
 
+def test_namespace_tools_are_called_with_their_namespace_and_hosted_tools_ignored(
+    client: openai.OpenAI, http: httpx.Client
+) -> None:
+    """Codex's request shape: a namespace of function tools next to OpenAI-hosted tools
+    (ignored: nothing here runs them); a call comes back with ``namespace`` set, and goes
+    back in as history with it."""
+    weather = {key: value for key, value in WEATHER.items() if key != "strict"}
+    tools = [
+        {"type": "namespace", "name": "city", "description": "City tools.", "tools": [weather]},
+        {"type": "web_search", "external_web_access": False},
+    ]
+    ask = [{"role": "user", "content": "What is the weather in Paris?"}]
+    body = {"model": MODEL, "input": ask, "tools": tools, "tool_choice": "required"}
+    for stream in (False, True):
+        response = http.post(
+            "/v1/responses",
+            json={**body, "max_output_tokens": 64, "temperature": 0, "stream": stream},
+        )
+        assert response.status_code == 200, response.text
+        if stream:
+            done = [e for n, e in sse_events(response) if n == "response.completed"]
+            output = done[0]["response"]["output"]
+        else:
+            output = response.json()["output"]
+        [call] = [item for item in output if item["type"] == "function_call"]
+        assert (call["namespace"], call["name"]) == ("city", "get_weather")
+    history = [
+        *ask,
+        call,
+        {"type": "function_call_output", "call_id": call["call_id"], "output": '{"temp_c": 18}'},
+    ]
+    second = client.responses.create(
+        model=MODEL,
+        input=history,  # type: ignore[arg-type]
+        tools=tools,  # type: ignore[arg-type]
+        max_output_tokens=8,
+        temperature=0,
+    )
+    assert second.status in ("completed", "incomplete")
+    assert [tool["type"] for tool in second.model_dump()["tools"]] == ["namespace"]
+
+
 def test_streamed_tool_call(client: openai.OpenAI) -> None:
     with client.responses.stream(
         model=MODEL,
@@ -281,7 +323,11 @@ def test_unknown_id_is_404_in_openai_envelope(http: httpx.Client) -> None:
 @pytest.mark.parametrize(
     ("change", "param"),
     [
-        ({"tools": [{"type": "web_search"}]}, "tools.0"),
+        ({"tools": [{"type": "custom", "name": "apply_patch"}]}, "tools.0"),
+        (
+            {"tools": [{"type": "namespace", "name": "ns", "tools": [{"type": "custom"}]}]},
+            "tools.0.tools.0",
+        ),
         ({"truncation": "auto"}, "truncation"),
         ({"input": [{"type": "item_reference", "id": "msg_1"}]}, "input.0"),
         (

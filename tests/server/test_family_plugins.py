@@ -379,6 +379,7 @@ def test_json_reply_grammar_starts_after_reasoning(
                         "type": "function",
                         "function": {
                             "name": "f",
+                            "strict": True,  # a non-strict tool drops what is unenforceable
                             "parameters": {
                                 "type": "object",
                                 "properties": {"n": {"type": "integer", "maximum": 3}},

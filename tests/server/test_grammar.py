@@ -319,6 +319,11 @@ def item_tool(name: str, item: dict[str, Any]) -> dict[str, Any]:
     return {"type": "function", "function": {"name": name, "parameters": parameters}}
 
 
+def strict(tool: dict[str, Any]) -> dict[str, Any]:
+    """The tool with ``strict: true``: every keyword of its schema enforced, or refused."""
+    return {**tool, "function": {**tool["function"], "strict": True}}
+
+
 TOOLS = [
     weather_tool(),
     {"type": "function", "function": {"name": "ping"}},
@@ -528,7 +533,7 @@ def test_refusals(schema: dict[str, Any], keyword: str, path: str) -> None:
     [
         ([], "tools", "tools"),
         (
-            [weather_tool(), item_tool("bad", {"type": "integer", "maximum": 3})],
+            [weather_tool(), strict(item_tool("bad", {"type": "integer", "maximum": 3}))],
             "maximum",
             "tools[1].function.parameters.$defs.Item",
         ),
@@ -546,6 +551,38 @@ def test_tool_refusals(tools: list[dict[str, Any]], keyword: str, path: str) -> 
     with pytest.raises(UnsupportedSchemaError) as caught:
         tool_calls_gbnf(tools, QWEN, max_calls=3)
     assert (caught.value.keyword, caught.value.path) == (keyword, path)
+
+
+def test_a_non_strict_tool_keeps_what_the_grammar_enforces(grammars: Grammars) -> None:
+    """Claude Code's tool schemas carry minimum / exclusiveMinimum / propertyNames / format
+    uri: a non-strict tool drops them and keeps its structure; a strict one is refused."""
+    parameters = {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "type": "object",
+        "properties": {
+            "offset": {"type": "integer", "minimum": 0, "exclusiveMinimum": -1},
+            "url": {"type": "string", "format": "uri"},
+            "tags": {"type": "object", "propertyNames": {"pattern": "^[a-z]+$"}},
+            "mode": {"enum": ["a", "b"], "description": "x"},
+            "either": {
+                "type": "object",
+                "properties": {"a": {"type": "string"}},
+                "anyOf": [{"required": ["a"]}],
+            },
+        },
+        "required": ["offset", "url", "mode"],
+        "additionalProperties": False,
+    }
+    tool = {"type": "function", "function": {"name": "read", "parameters": parameters}}
+    gbnf = tool_calls_gbnf([tool], QWEN, max_calls=1)
+    call = '<tool_call>\n{"name": "read", "arguments": %s}\n</tool_call>'
+    assert grammars.accepts(gbnf, call % '{"offset": -5, "url": "x", "mode": "a"}')
+    assert not grammars.accepts(gbnf, call % '{"offset": "5", "url": "x", "mode": "a"}')
+    assert not grammars.accepts(gbnf, call % '{"offset": 5, "url": "x", "mode": "c"}')
+    assert not grammars.accepts(gbnf, call % '{"url": "x", "mode": "a"}')
+    with pytest.raises(UnsupportedSchemaError) as caught:
+        tool_calls_gbnf([strict(tool)], QWEN, max_calls=1)
+    assert caught.value.keyword == "minimum"
 
 
 def test_error_message_is_client_safe() -> None:

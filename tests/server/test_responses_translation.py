@@ -69,10 +69,43 @@ def test_one_turns_output_items_merge_into_one_assistant_message() -> None:
 
 
 def test_history_comes_first_and_is_named_previous_response_id() -> None:
-    history = stored_items([{"type": "message", "role": "user", "content": "earlier"}])
+    history = stored_items(
+        [
+            {"type": "message", "role": "user", "content": "earlier"},
+            {"type": "message", "role": "assistant", "content": "ok"},
+        ]
+    )
     translated = translate(request(), history)
-    assert [m.content for m in translated.chat.messages] == ["earlier", "hi"]
-    assert translated.origins == ["previous_response_id", "input.0"]
+    assert [m.content for m in translated.chat.messages] == ["earlier", "ok", "hi"]
+    assert translated.origins == ["previous_response_id", "previous_response_id", "input.0"]
+
+
+def test_consecutive_developer_and_user_messages_merge_into_alternating_turns() -> None:
+    """Codex sends two developer messages, then two user messages (one with an image)."""
+    items = [
+        {"type": "message", "role": "developer", "content": "Be brief."},
+        {
+            "type": "message",
+            "role": "developer",
+            "content": [{"type": "input_text", "text": "Skills."}],
+        },
+        {"type": "message", "role": "user", "content": "<env/>"},
+        {
+            "type": "message",
+            "role": "user",
+            "content": [
+                {"type": "input_text", "text": "hi"},
+                {"type": "input_image", "image_url": "data:image/png;base64,AAAA"},
+            ],
+        },
+    ]
+    chat = translate(request(input=items), []).chat
+    system, user = chat.messages
+    assert system.role == "system" and system.content == "Be brief.\n\nSkills."
+    assert user.role == "user" and isinstance(user.content, list)
+    kinds = [part.type for part in user.content]
+    assert kinds == ["text", "text", "text", "image_url"]
+    assert [getattr(part, "text", None) for part in user.content[:3]] == ["<env/>", "\n\n", "hi"]
 
 
 def test_fields_map_to_chat() -> None:
@@ -121,7 +154,7 @@ def test_image_parts_keep_their_order() -> None:
         ({"background": True}, "background"),
         ({"n": 2}, "n"),
         ({"include": ["file_search_call.results"]}, "include.0"),
-        ({"tools": [{"type": "file_search"}]}, "tools.0"),
+        ({"tools": [{"type": "custom", "name": "apply_patch"}]}, "tools.0"),
         ({"tool_choice": {"type": "web_search_preview"}}, "tool_choice"),
         ({"input": None}, "input"),
     ],
