@@ -27,6 +27,7 @@ from ggufserve.engine.sampling import CompiledGrammar, TokenSampler, compile_gra
 from ggufserve.engine.scheduler import ContextLimits, Scheduler
 from ggufserve.engine.sequence import ImagePiece, Piece, Running
 from ggufserve.engine.special_tokens import SPECIAL, Plan, SpecialTokens
+from ggufserve.engine.speculative import PROMPT_LOOKUP, SpecConfig
 from ggufserve.engine.text import StopScanner
 from ggufserve.engine.worker import Generation, StepClock
 from ggufserve.generation.images import LoadedImage
@@ -59,6 +60,8 @@ class LlamaEngine:
         image_cache_bytes: Bound of the LRU of encoded images, in bytes (0 disables it).
         load_progress: Called with the fraction (0..1) of the weights loaded, as llama.cpp
             reports it (``llama_model_params.progress_callback``), on the loading thread.
+        speculation: Prompt-lookup speculative decoding settings (default on), or None
+            for none; a request may still turn it off (``GenerationRequest.speculative``).
 
     Raises:
         ModelLoadError: llama.cpp failed to load the file or create the context.
@@ -78,6 +81,7 @@ class LlamaEngine:
         mmproj_path: Path | None = None,
         image_cache_bytes: int = 0,
         load_progress: Callable[[float], None] | None = None,
+        speculation: SpecConfig | None = PROMPT_LOOKUP,
     ):
         threads = n_threads or os.cpu_count() or 1
         self.n_parallel = n_parallel
@@ -144,6 +148,7 @@ class LlamaEngine:
             stats=self.stats,
             max_queued=max_queued,
             name=f"llama:{model_path.name}",
+            speculation=speculation,
         )
 
     def _read_vocab(self) -> tuple[SpecialTokens, int]:

@@ -10,6 +10,7 @@ from pathlib import Path
 from ggufserve.engine.base import ModelLoadError
 from ggufserve.engine.embedding import EmbeddingEngine
 from ggufserve.engine.llama import LlamaEngine
+from ggufserve.engine.speculative import SpecConfig
 from ggufserve.families import family_for
 from ggufserve.families.base import Family
 from ggufserve.generation.templates import (
@@ -82,6 +83,9 @@ def load_parts(
         mmproj_path=mmproj,
         image_cache_bytes=settings.image_cache_bytes,
         load_progress=load_progress,
+        speculation=(
+            SpecConfig(n_max=entry.speculative.n_max) if entry.speculative.type == "ngram" else None
+        ),
     )
     try:
         template = _template(entry, base_dir, engine, settings)
