@@ -414,9 +414,9 @@ class Scheduler:
         active = self._active()
         generating = [s for s in active if s.running.next_token is not None]  # type: ignore[union-attr]
         chunks = self._plan_prefill(active, len(generating))
-        room = self._limits.n_batch - len(generating) - sum(len(take) for _, take, _ in chunks)
+        room = self._limits.n_batch - len(generating) - sum(len(c[1]) for c in chunks)
         outputs = self._limits.n_outputs_max - len(generating)
-        outputs -= sum(len(take) if every else 1 for _, take, every in chunks)
+        outputs -= sum(len(take) if every else output for _, take, output, every in chunks)
         for slot in generating:
             running = slot.running
             assert running is not None and running.next_token is not None
@@ -424,18 +424,16 @@ class Scheduler:
             room -= len(running.draft)
             outputs -= len(running.draft)
             add(slot, [running.next_token, *running.draft], True, every=True)
-        for slot, take, every in chunks:
-            running = slot.running
-            assert running is not None
-            last = not every and len(take) == len(running.pieces[0]) and len(running.pieces) == 1
-            add(slot, take, every or last, every)
+        for slot, take, output, every in chunks:
+            add(slot, take, output, every)
         return rows
 
     def _plan_prefill(
         self, active: list[Slot], n_generating: int
-    ) -> list[tuple[Slot, list[int], bool]]:
-        """The prompt chunks of this step: (slot, tokens, scored: an output row each)."""
-        chunks: list[tuple[Slot, list[int], bool]] = []
+    ) -> list[tuple[Slot, list[int], bool, bool]]:
+        """The prompt chunks of this step: (slot, tokens, has an output row (the prompt's
+        last token, or scored), scored: an output row for each token)."""
+        chunks: list[tuple[Slot, list[int], bool, bool]] = []
         budget = self._limits.n_batch - n_generating
         if n_generating:
             budget = min(budget, self._limits.prefill_chunk)
@@ -456,13 +454,14 @@ class Scheduler:
             if scoring and outputs <= 0:
                 continue
             take = head[: min(budget, outputs) if scoring else budget]
-            if len(take) == len(head) and len(running.pieces) == 1 and len(take) > 1:
+            last = len(take) == len(head) and len(running.pieces) == 1
+            if last and len(take) > 1:
                 # The prompt's last token gets a step of its own: its logits (and so a
                 # seeded sample) are then the same whether the prefix came from the cache.
-                take = take[:-1]
+                take, last = take[:-1], False
             if scoring:
                 outputs -= len(take)
-            chunks.append((slot, take, scoring))
+            chunks.append((slot, take, scoring or last, scoring))
             budget -= len(take)
         return chunks
 
