@@ -8,7 +8,7 @@ the entry and the key at fault, so a bad file stops start-up with one clear line
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -76,6 +76,15 @@ class SamplingDefaults(_Entry):
     repeat_penalty: Annotated[float, Field(gt=0.0, le=10.0)] = 1.0
 
 
+class Speculative(_Entry):
+    """Speculative decoding of a model: ``type`` ``ngram`` (prompt lookup: drafts copied
+    from the prompt and output so far, no extra model; on by default) or ``none``;
+    ``n_max`` draft tokens at most per sequence and step (the engine adapts below it)."""
+
+    type: Literal["ngram", "none"] = "ngram"
+    n_max: Annotated[int, Field(ge=1, le=64)] = 16
+
+
 class ModelEntry(_Entry):
     """One served model.
 
@@ -107,6 +116,7 @@ class ModelEntry(_Entry):
     image_min_tokens: Annotated[int, Field(ge=1, le=1_048_576)] | None = None
     image_max_tokens: Annotated[int, Field(ge=1, le=1_048_576)] | None = None
     sampling: SamplingDefaults = SamplingDefaults()
+    speculative: Speculative = Speculative()
     # Idle time before unloading: seconds, "30s"/"5m"/"1h", -1 = never, 0 = right after
     # each request. None: forever for start-up (--model) models, else --keep-alive.
     keep_alive: KeepAlive = None

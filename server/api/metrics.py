@@ -40,6 +40,16 @@ COUNTERS = (
     ("ggufserve_generated_tokens", "Completion tokens generated.", "generated_tokens"),
     ("ggufserve_image_encodes", "Images encoded by the vision projector.", "image_encodes"),
     ("ggufserve_image_cache_hits", "Images served from the embedding cache.", "image_cache_hits"),
+    (
+        "ggufserve_spec_drafted_tokens",
+        "Draft tokens decoded for verification (speculative decoding).",
+        "spec_drafted_tokens",
+    ),
+    (
+        "ggufserve_spec_accepted_tokens",
+        "Draft tokens kept because the sampler drew them (speculative decoding).",
+        "spec_accepted_tokens",
+    ),
 )
 # (metric name, help text, key of LlamaEngine.load())
 GAUGES = (

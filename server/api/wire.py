@@ -369,6 +369,8 @@ class _GenerationFields(StrictModel):
     # Ollama extension: how long the model stays loaded once idle (this request's value
     # replaces the model's until the next request).
     keep_alive: KeepAlive = None
+    # Extension: false turns the model's speculative decoding off for this request.
+    speculative: bool | None = None
 
     _check_stop = field_validator("stop")(check_stop)
     _check_logit_bias = field_validator("logit_bias")(check_logit_bias)

@@ -60,7 +60,8 @@ class GenerationRequest:
     ``prompt_logprobs``); the caller has checked that ``len(prompt_tokens) + max_tokens
     <= n_ctx``. ``logprobs``: None for none, else how many alternatives (0-20) to report
     with each generated token. ``prompt_logprobs``: the same for prompt tokens (the prompt
-    is then decoded in full, without prefix reuse).
+    is then decoded in full, without prefix reuse). ``speculative`` False turns the
+    engine's prompt-lookup speculation off for this job (output is the same either way).
     """
 
     prompt_tokens: list[int]
@@ -72,6 +73,7 @@ class GenerationRequest:
     grammar: GrammarSpec | None = None
     logprobs: int | None = None
     prompt_logprobs: int | None = None
+    speculative: bool = True
 
 
 @dataclass(frozen=True)
@@ -193,6 +195,9 @@ class EngineStats:
     generated_tokens: int = 0
     image_encodes: int = 0
     image_cache_hits: int = 0
+    # Speculation: draft tokens decoded for verification, and those the sampler kept.
+    spec_drafted_tokens: int = 0
+    spec_accepted_tokens: int = 0
     # From submission to admission on a sequence, and to the first token.
     queue_seconds: Histogram = field(default_factory=Histogram)
     ttft_seconds: Histogram = field(default_factory=Histogram)

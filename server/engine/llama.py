@@ -27,6 +27,7 @@ from ggufserve.engine.sampling import CompiledGrammar, TokenSampler, compile_gra
 from ggufserve.engine.scheduler import ContextLimits, Scheduler
 from ggufserve.engine.sequence import ImagePiece, Piece, Running
 from ggufserve.engine.special_tokens import SPECIAL, Plan, SpecialTokens
+from ggufserve.engine.speculative import PROMPT_LOOKUP, SpecConfig
 from ggufserve.engine.text import StopScanner
 from ggufserve.engine.worker import Generation, StepClock
 from ggufserve.generation.image_budget import TokenRange
@@ -62,6 +63,8 @@ class LlamaEngine:
             projector's own; only Qwen-VL projectors take them).
         load_progress: Called with the fraction (0..1) of the weights loaded, as llama.cpp
             reports it (``llama_model_params.progress_callback``), on the loading thread.
+        speculation: Prompt-lookup speculative decoding settings (default on), or None
+            for none; a request may still turn it off (``GenerationRequest.speculative``).
 
     Attributes:
         image_range: How the projector sizes images in tokens under these limits (None:
@@ -88,6 +91,7 @@ class LlamaEngine:
         image_min_tokens: int | None = None,
         image_max_tokens: int | None = None,
         load_progress: Callable[[float], None] | None = None,
+        speculation: SpecConfig | None = PROMPT_LOOKUP,
     ):
         threads = n_threads or os.cpu_count() or 1
         # Read before the weights load, so that limits a projector ignores fail fast.
@@ -162,6 +166,7 @@ class LlamaEngine:
             stats=self.stats,
             max_queued=max_queued,
             name=f"llama:{model_path.name}",
+            speculation=speculation,
         )
 
     def _read_vocab(self) -> tuple[SpecialTokens, int]:

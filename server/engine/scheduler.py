@@ -14,6 +14,14 @@ One thread owns the context (llama.cpp contexts are not thread-safe). Each step:
 4. runs one ``llama_decode``, then samples each sequence's output row with its own
    sampler (and reads logprobs from that row when asked).
 
+With speculation (``speculative.SpecConfig``), a generating sequence's token may be
+followed by draft tokens from prompt lookup, in the room the prompt chunks leave, each
+with an output row. Its rows are sampled in order while the sample equals the draft; the
+first mismatch's sample is the correction and the rejected rows' cells are dropped
+(``seq_rm``). Every emitted token is one sample of the sequence's own sampler, as without
+speculation, so the output distribution (and greedy output) is unchanged. A step whose
+drafts find no free KV cells is retried without drafts.
+
 The 2nd..n-th choices of one request (``n`` > 1) wait until the first choice's prompt is
 cached, then start from a copy of its cells. A request for prompt logprobs decodes its
 whole prompt with an output row per token, within ``n_outputs_max`` rows per step.
@@ -47,6 +55,7 @@ from ggufserve.engine.base import (
 )
 from ggufserve.engine.sampling import GrammarFailure, logits_row, token_logprob
 from ggufserve.engine.sequence import IMAGE_ROW, ImagePiece, Running, Slot, common_prefix
+from ggufserve.engine.speculative import PromptLookup, SpecConfig
 from ggufserve.engine.worker import EngineBusy, EngineClosed, Generation, StepClock
 
 log = logging.getLogger(__name__)
@@ -137,6 +146,9 @@ class Scheduler:
         name: Thread name, for logs.
         ops: Decode and KV-cache calls (default: :class:`LlamaContextOps` on ``ctx``);
             tests pass fakes to drive the scheduler without a model.
+        speculation: Prompt-lookup settings, or None for no speculation. Off anyway with
+            a sliding window that does not keep the whole context (``swa_full`` False):
+            dropping rejected cells there could lose cells the window still needs.
     """
 
     def __init__(
@@ -153,6 +165,7 @@ class Scheduler:
         max_queued: int,
         name: str,
         ops: ContextOps | None = None,
+        speculation: SpecConfig | None = None,
     ):
         self._ctx = ctx
         self._ops = ops if ops is not None else LlamaContextOps(ctx)
@@ -165,6 +178,8 @@ class Scheduler:
         self.stats = stats
         self._max_queued = max_queued
         self._slots = [Slot(seq_id) for seq_id in range(limits.n_parallel)]
+        window_kept = limits.n_swa == 0 or limits.swa_full
+        self._speculation = speculation if window_kept else None
         self._waiting: deque[Generation] = deque()
         self._cond = threading.Condition()
         self._closed = False
@@ -266,9 +281,14 @@ class Scheduler:
             # Only images still encoding: wait briefly rather than spin.
             time.sleep(0.002)
             return
+        drafts = True
         while (status := self._ops.decode(self._batch.batch)) != 0:
+            if status == KV_FULL and drafts and self._has_drafts(rows):
+                drafts = False  # speculation never costs a generation its place
+                rows = self._fill_batch(drafts=False)
+                continue
             if status == KV_FULL and self._make_room(rows):
-                rows = self._fill_batch()
+                rows = self._fill_batch(drafts=False)
                 if not rows:
                     return
                 continue
@@ -305,6 +325,10 @@ class Scheduler:
     def _assign(self, generation: Generation, free: list[Slot]) -> None:
         """Put a generation on a free sequence, reusing the longest cached prefix."""
         running = self._start(generation)
+        if self._speculation is not None and generation.request.speculative:
+            history = [t for p in running.pieces for t in (p if isinstance(p, list) else [-1])]
+            capacity = len(history) + generation.request.max_tokens + 1
+            running.drafter = PromptLookup(history, capacity, self._speculation)
         head = running.pieces[0] if running.pieces else []
         prompt = head if isinstance(head, list) else []
         # At least one prompt token is decoded again, for fresh logits; prompt logprobs
@@ -367,40 +391,54 @@ class Scheduler:
         if not running.pieces:  # no text after the image: nothing would give logits
             self._fail(slot, Failed())
 
-    def _fill_batch(self) -> list[tuple[Slot, int, bool]]:
-        """Fill the batch; returns (slot, rows added, has output row) per sequence in it."""
+    def _fill_batch(self, drafts: bool = True) -> list[tuple[Slot, int, bool]]:
+        """Fill the batch; returns (slot, rows added, has output row) per sequence in it.
+        A generating sequence's rows are its token then its draft (``running.draft``),
+        all output rows; drafts (when ``drafts``) get only the room prompt chunks leave."""
         batch = self._batch.batch
         batch.n_tokens = 0
         rows: list[tuple[Slot, int, bool]] = []
 
-        def add(slot: Slot, tokens: list[int], output: bool) -> None:
+        def add(slot: Slot, tokens: list[int], output: bool, every: bool = False) -> None:
+            # every: an output row for each token (prompt scoring, draft verification).
             for i, token in enumerate(tokens):
                 j = batch.n_tokens
                 batch.token[j] = token
                 batch.pos[j] = slot.n_past + i
                 batch.n_seq_id[j] = 1
                 batch.seq_id[j][0] = slot.seq_id
-                batch.logits[j] = output and i == len(tokens) - 1
+                batch.logits[j] = output and (every or i == len(tokens) - 1)
                 batch.n_tokens += 1
             rows.append((slot, len(tokens), output))
 
-        def add_all(slot: Slot, tokens: list[int]) -> None:
-            # Prompt scoring: an output row for every token (the chunk's last included).
-            add(slot, tokens, True)
-            for j in range(batch.n_tokens - len(tokens), batch.n_tokens):
-                batch.logits[j] = True
-
         active = self._active()
-        for slot in active:
+        generating = [s for s in active if s.running.next_token is not None]  # type: ignore[union-attr]
+        chunks = self._plan_prefill(active, len(generating))
+        room = self._limits.n_batch - len(generating) - sum(len(c[1]) for c in chunks)
+        outputs = self._limits.n_outputs_max - len(generating)
+        outputs -= sum(len(take) if every else output for _, take, output, every in chunks)
+        for slot in generating:
             running = slot.running
-            assert running is not None
-            if running.next_token is not None:
-                add(slot, [running.next_token], True)
-        budget = self._limits.n_batch - batch.n_tokens
-        if rows:
+            assert running is not None and running.next_token is not None
+            running.draft = self._draft(running, min(room, outputs)) if drafts else []
+            room -= len(running.draft)
+            outputs -= len(running.draft)
+            add(slot, [running.next_token, *running.draft], True, every=True)
+        for slot, take, output, every in chunks:
+            add(slot, take, output, every)
+        return rows
+
+    def _plan_prefill(
+        self, active: list[Slot], n_generating: int
+    ) -> list[tuple[Slot, list[int], bool, bool]]:
+        """The prompt chunks of this step: (slot, tokens, has an output row (the prompt's
+        last token, or scored), scored: an output row for each token)."""
+        chunks: list[tuple[Slot, list[int], bool, bool]] = []
+        budget = self._limits.n_batch - n_generating
+        if n_generating:
             budget = min(budget, self._limits.prefill_chunk)
         # Output rows left for prompt logprobs; one kept for each prompt that may end here.
-        outputs = self._limits.n_outputs_max - len(rows) - len(active)
+        outputs = self._limits.n_outputs_max - n_generating - len(active)
         for slot in active:
             running = slot.running
             assert running is not None
@@ -422,12 +460,22 @@ class Scheduler:
                 # seeded sample) are then the same whether the prefix came from the cache.
                 take, last = take[:-1], False
             if scoring:
-                add_all(slot, take)
                 outputs -= len(take)
-            else:
-                add(slot, take, last)
+            chunks.append((slot, take, scoring or last, scoring))
             budget -= len(take)
-        return rows
+        return chunks
+
+    def _draft(self, running: Running, room: int) -> list[int]:
+        """Draft tokens for a generating sequence: at most ``room``, and never past its
+        ``max_tokens`` (so never past the context)."""
+        if running.drafter is None:
+            return []
+        left = running.max_tokens - running.completion_tokens - 1
+        return running.drafter.propose(min(room, left))
+
+    @staticmethod
+    def _has_drafts(rows: list[tuple[Slot, int, bool]]) -> bool:
+        return any(slot.running is not None and slot.running.draft for slot, _, _ in rows)
 
     def _make_room(self, rows: list[tuple[Slot, int, bool]]) -> bool:
         """After a KV-full decode: drop idle caches, else fail the youngest generation in
@@ -469,7 +517,10 @@ class Scheduler:
                 self._prompt_done(slot)
                 if slot.running is None:
                     continue
-            self._sample(slot, index - 1)
+                if (token := self._sample(slot, index - 1)) is not None:
+                    self._accept(slot, token)
+            else:
+                self._verify(slot, first, running.draft)
 
     def _score_prompt(self, running: Running, first: int, tokens: list[int]) -> None:
         """Logprobs of a prompt chunk's tokens; row ``first + i`` predicts the token after
@@ -498,7 +549,38 @@ class Scheduler:
         if running.max_tokens == 0:
             self._finish(slot, "length")
 
-    def _sample(self, slot: Slot, row: int) -> None:
+    def _verify(self, slot: Slot, first: int, draft: list[int]) -> None:
+        """Sample rows ``first``.. (the sequence's token, then ``draft``) in order while
+        each sample equals the draft token decoded after it; drop the cells of the draft
+        tokens not kept."""
+        running = slot.running
+        assert running is not None
+        kept = 0
+        for i in range(len(draft) + 1):
+            if i and running.generation.cancelled:
+                break  # the next step releases it
+            token = self._sample(slot, first + i)
+            if token is None:
+                return  # failed: the sequence's cells are gone already
+            matched = i < len(draft) and token == draft[i]
+            kept += matched
+            self._accept(slot, token)
+            if not matched or slot.running is None:
+                break
+        if not draft:
+            return
+        self.stats.spec_drafted_tokens += len(draft)
+        self.stats.spec_accepted_tokens += kept
+        assert running.drafter is not None
+        running.drafter.record(len(draft), kept)
+        if rejected := len(draft) - kept:
+            slot.n_past -= rejected
+            del slot.cached[-rejected:]
+            self._ops.seq_rm(slot.seq_id, slot.n_past, -1)
+
+    def _sample(self, slot: Slot, row: int) -> int | None:
+        """The sequence's next token from batch row ``row`` (logprobs noted when asked);
+        None when its grammar failed it."""
         running = slot.running
         assert running is not None
         request = running.generation.request
@@ -512,12 +594,12 @@ class Scheduler:
             # Only this sequence ends; the others in the batch go on.
             log.warning("generation failed by its grammar: %s", exc)
             self._fail(slot, Failed(code=exc.code))
-            return
+            return None
         if logits is not None and not self._is_eog(token):
             running.logprobs.append(
                 token_logprob(logits, token, request.logprobs or 0, self._shown_piece)
             )
-        self._accept(slot, token)
+        return token
 
     def _accept(self, slot: Slot, token: int) -> None:
         running = slot.running
@@ -540,6 +622,8 @@ class Scheduler:
             self._finish(slot, "length")
         else:
             running.next_token = token
+            if running.drafter is not None:
+                running.drafter.push(token)
 
     def _finish(self, slot: Slot, reason: FinishReason, *, flush: bool = True) -> None:
         running = slot.running

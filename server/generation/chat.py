@@ -232,6 +232,7 @@ class ChatService:
             media=media,
             grammar=grammar,
             logprobs=(body.top_logprobs or 0) if want_logprobs else None,
+            speculative=body.speculative is not False,
         )
         return PreparedChat(
             served=lease.served,

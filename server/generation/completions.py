@@ -187,6 +187,7 @@ class CompletionService:
                     stop=list(body.stop or []),
                     logprobs=body.logprobs,
                     prompt_logprobs=echo_scores,
+                    speculative=body.speculative is not False,
                 )
                 for s in sampling
             ]

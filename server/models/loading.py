@@ -10,6 +10,7 @@ from pathlib import Path
 from ggufserve.engine.base import ModelLoadError
 from ggufserve.engine.embedding import EmbeddingEngine
 from ggufserve.engine.llama import LlamaEngine
+from ggufserve.engine.speculative import SpecConfig
 from ggufserve.families import family_for
 from ggufserve.families.base import Family
 from ggufserve.generation.templates import (
@@ -87,6 +88,9 @@ def load_parts(
         image_min_tokens=entry.image_min_tokens,
         image_max_tokens=entry.image_max_tokens,
         load_progress=load_progress,
+        speculation=(
+            SpecConfig(n_max=entry.speculative.n_max) if entry.speculative.type == "ngram" else None
+        ),
     )
     try:
         template = _template(entry, base_dir, engine, settings)

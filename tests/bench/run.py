@@ -85,8 +85,14 @@ class Row:
 
 
 async def stream_one(
-    client: httpx.AsyncClient, url: str, prompt: str, max_tokens: int, started: float
+    client: httpx.AsyncClient,
+    url: str,
+    prompt: str,
+    max_tokens: int,
+    started: float,
+    extra: dict[str, object] | None = None,
 ) -> Run:
+    """One greedy stream of ``max_tokens`` (EOG banned); ``extra``: more body fields."""
     body = {
         "model": "bench",
         "messages": [{"role": "user", "content": prompt}],
@@ -95,6 +101,7 @@ async def stream_one(
         "logit_bias": {str(t): -100 for t in GEMMA3_EOG_IDS},
         "stream": True,
         "stream_options": {"include_usage": True},
+        **(extra or {}),
     }
     first = last = None
     chunks, usage_tokens, finished = 0, None, False

@@ -26,6 +26,7 @@ from ggufserve.engine.base import (
 from ggufserve.engine.sampling import GrammarFailure
 from ggufserve.engine.scheduler import KV_FULL, ContextLimits, Scheduler
 from ggufserve.engine.sequence import Running
+from ggufserve.engine.speculative import SpecConfig
 from ggufserve.engine.text import StopScanner
 from ggufserve.engine.worker import EngineBusy, EngineClosed, Generation
 
@@ -110,6 +111,7 @@ class Harness:
     started: list[str] = field(default_factory=list)
     names: dict[Generation, str] = field(default_factory=dict)
     stats: EngineStats = field(default_factory=EngineStats)
+    speculation: SpecConfig | None = None
 
     def __post_init__(self) -> None:
         self.scheduler = Scheduler(
@@ -124,6 +126,7 @@ class Harness:
             max_queued=self.max_queued,
             name="fake-scheduler",
             ops=self.fake,
+            speculation=self.speculation,
         )
 
     def start(self, generation: Generation) -> Running:
@@ -151,8 +154,11 @@ class Harness:
         max_tokens: int = 16,
         stop: list[str] | None = None,
         hold: tuple[int, threading.Event] | None = None,
+        speculative: bool = True,
     ) -> Generation:
-        request = GenerationRequest(prompt, max_tokens, GREEDY, stop=stop or [])
+        request = GenerationRequest(
+            prompt, max_tokens, GREEDY, stop=stop or [], speculative=speculative
+        )
         generation = Generation(request, asyncio.get_running_loop())
         self.samplers[generation] = FakeSampler(script, hold)
         self.names[generation] = name
@@ -181,7 +187,10 @@ def make() -> Iterator[Callable[..., Harness]]:
 
     def build(n_parallel: int, **kwargs: Any) -> Harness:
         max_queued = kwargs.pop("max_queued", 8)
-        made.append(Harness(limits(n_parallel, **kwargs), max_queued=max_queued))
+        speculation = kwargs.pop("speculation", None)
+        made.append(
+            Harness(limits(n_parallel, **kwargs), max_queued=max_queued, speculation=speculation)
+        )
         return made[-1]
 
     yield build
