@@ -13,9 +13,16 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Discriminator, Field, Tag, field_validator
+from pydantic import BaseModel, Field, Tag, field_validator
 
-from ggufserve.api.wire import MAX_TOP_K, FiniteFloat, KeepAlive, StrictModel, check_stop
+from ggufserve.api.wire import (
+    MAX_TOP_K,
+    FiniteFloat,
+    KeepAlive,
+    StrictModel,
+    check_stop,
+    type_discriminator,
+)
 from ggufserve.errors import APIError
 
 # ---- request: content blocks -----------------------------------------------------------
@@ -43,16 +50,11 @@ class OtherSource(StrictModel):
     type: str
 
 
-def _source_tag(value: Any) -> str:
-    kind = value.get("type") if isinstance(value, dict) else getattr(value, "type", None)
-    return kind if kind in ("base64", "url") else "other"
-
-
 ImageSource = Annotated[
     Annotated[Base64Source, Tag("base64")]
     | Annotated[URLSource, Tag("url")]
     | Annotated[OtherSource, Tag("other")],
-    Discriminator(_source_tag),
+    type_discriminator(frozenset({"base64", "url"})),
 ]
 
 
@@ -68,19 +70,11 @@ class OtherBlock(StrictModel):
     type: str
 
 
-def _tag(known: tuple[str, ...]) -> Any:
-    def tag(value: Any) -> str:
-        kind = value.get("type") if isinstance(value, dict) else getattr(value, "type", None)
-        return kind if kind in known else "other"
-
-    return Discriminator(tag)
-
-
 ToolResultPart = Annotated[
     Annotated[TextBlockIn, Tag("text")]
     | Annotated[ImageBlockIn, Tag("image")]
     | Annotated[OtherBlock, Tag("other")],
-    _tag(("text", "image")),
+    type_discriminator(frozenset({"text", "image"})),
 ]
 
 
@@ -117,7 +111,9 @@ ContentBlockIn = Annotated[
     | Annotated[ThinkingBlockIn, Tag("thinking")]
     | Annotated[RedactedThinkingBlockIn, Tag("redacted_thinking")]
     | Annotated[OtherBlock, Tag("other")],
-    _tag(("text", "image", "tool_use", "tool_result", "thinking", "redacted_thinking")),
+    type_discriminator(
+        frozenset({"text", "image", "tool_use", "tool_result", "thinking", "redacted_thinking"})
+    ),
 ]
 
 
@@ -145,14 +141,9 @@ class ServerTool(StrictModel):
     name: str | None = None
 
 
-def _tool_tag(value: Any) -> str:
-    kind = value.get("type") if isinstance(value, dict) else getattr(value, "type", None)
-    return "custom" if kind in (None, "custom") else "server"
-
-
 Tool = Annotated[
     Annotated[CustomTool, Tag("custom")] | Annotated[ServerTool, Tag("server")],
-    Discriminator(_tool_tag),
+    type_discriminator(frozenset({"custom"}), default="custom", other="server"),
 ]
 
 

@@ -14,31 +14,18 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Discriminator, Field, Tag, field_validator
+from pydantic import BaseModel, Field, Tag, field_validator
 
 from ggufserve.api.wire import (
     MAX_TOOL_ARGUMENTS_DEPTH,
     StrictModel,
     _GenerationFields,
     json_nesting_exceeds,
+    type_discriminator,
 )
 
 # OpenAI's limits on metadata: 16 pairs, keys of 64 and values of 512 characters.
 MAX_METADATA_PAIRS = 16
-
-
-def _kind(known: frozenset[str], default: str | None = None) -> Any:
-    """A discriminator: the value's ``type`` when it is one of ``known``, else ``other``
-    (``default`` when ``type`` is absent)."""
-
-    def pick(value: Any) -> str:
-        # Any JSON value may arrive here (a number, a list, an unhashable ``type``).
-        kind = (
-            value.get("type", default) if isinstance(value, dict) else getattr(value, "type", None)
-        )
-        return kind if isinstance(kind, str) and kind in known else "other"
-
-    return Discriminator(pick)
 
 
 # ---- request: content parts ------------------------------------------------------------
@@ -82,7 +69,7 @@ ContentPart = Annotated[
     | Annotated[OutputTextPart, Tag("output_text")]
     | Annotated[RefusalPart, Tag("refusal")]
     | Annotated[OtherPart, Tag("other")],
-    _kind(frozenset({"input_text", "input_image", "output_text", "refusal"})),
+    type_discriminator(frozenset({"input_text", "input_image", "output_text", "refusal"})),
 ]
 
 
@@ -162,7 +149,7 @@ InputItem = Annotated[
     | Annotated[FunctionCallOutputItem, Tag("function_call_output")]
     | Annotated[ReasoningItem, Tag("reasoning")]
     | Annotated[OtherItem, Tag("other")],
-    _kind(
+    type_discriminator(
         frozenset({"message", "function_call", "function_call_output", "reasoning"}),
         default="message",
     ),
@@ -206,7 +193,7 @@ HOSTED_TOOLS = frozenset(
 
 InnerTool = Annotated[
     Annotated[FunctionTool, Tag("function")] | Annotated[OtherTool, Tag("other")],
-    _kind(frozenset({"function"})),
+    type_discriminator(frozenset({"function"})),
 ]
 
 
@@ -224,7 +211,7 @@ Tool = Annotated[
     Annotated[FunctionTool, Tag("function")]
     | Annotated[NamespaceTool, Tag("namespace")]
     | Annotated[OtherTool, Tag("other")],
-    _kind(frozenset({"function", "namespace"})),
+    type_discriminator(frozenset({"function", "namespace"})),
 ]
 
 
@@ -241,7 +228,7 @@ class OtherChoice(StrictModel):
 
 ToolChoice = Annotated[
     Annotated[FunctionChoice, Tag("function")] | Annotated[OtherChoice, Tag("other")],
-    _kind(frozenset({"function"})),
+    type_discriminator(frozenset({"function"})),
 ]
 
 

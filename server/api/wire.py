@@ -20,6 +20,7 @@ from pydantic import (
     BaseModel,
     BeforeValidator,
     ConfigDict,
+    Discriminator,
     Field,
     WithJsonSchema,
     field_validator,
@@ -129,6 +130,22 @@ class StrictModel(BaseModel):
         # A Python call per object lets the interpreter hand the GIL to the event loop;
         # pydantic-core alone validates 15,000 messages in one 35 ms GIL hold.
         return data
+
+
+def type_discriminator(
+    known: frozenset[str], *, default: str | None = None, other: str = "other"
+) -> Any:
+    """A pydantic discriminator for a union tagged by ``type``: the value's ``type`` when
+    it is one of ``known``, else ``other`` (``type`` absent: ``default``). Any JSON value
+    may arrive (a number, a list, an unhashable ``type``): none of them raises."""
+
+    def pick(value: Any) -> str:
+        kind = (
+            value.get("type", default) if isinstance(value, dict) else getattr(value, "type", None)
+        )
+        return kind if isinstance(kind, str) and kind in known else other
+
+    return Discriminator(pick)
 
 
 # One text, a list of texts, one list of token ids, or a list of them: a completion's

@@ -20,6 +20,7 @@ from ggufserve.grammar.keywords import (
     FORMATS,
     GROUPS,
     MAX_DEPTH,
+    MAX_REPEAT,
     TYPES,
 )
 from ggufserve.grammar.pattern import PatternError, json_safe_pattern
@@ -27,6 +28,7 @@ from ggufserve.grammar.pattern import PatternError, json_safe_pattern
 # Keywords that pick one shape and take no siblings but annotations (the normalizer's rule).
 _HEADS = ("allOf", "$ref", "anyOf", "oneOf", "const", "enum")
 _COMBINATORS = ("allOf", "anyOf", "oneOf")
+_BOUNDS = frozenset({"minLength", "maxLength", "minItems", "maxItems"})
 # Keywords whose value is a schema, a list of schemas, or a map of names to schemas.
 _ONE = ("items", "additionalProperties")
 _LISTS = ("allOf", "anyOf", "oneOf", "prefixItems")
@@ -37,7 +39,9 @@ def relaxed(schema: Any, depth: int = 0) -> Any:
     """``schema`` without what the grammar cannot enforce: unknown and validation-only
     keywords (``minimum``, ``not``, ``uniqueItems``, ``propertyNames``...), a ``format``
     other than date / time / date-time / uuid, a ``pattern`` the grammar cannot follow
-    (or one beside ``minLength``/``maxLength``), keywords of another type than the node's,
+    (or one beside ``minLength``/``maxLength``), a length or item bound that is not an
+    integer from 0 to 1000 (the grammar spells bounds out), keywords of another type than
+    the node's,
     and keywords beside a ``$ref`` / ``anyOf`` / ``oneOf`` / ``allOf`` / ``enum`` /
     ``const``. What is left is checked as usual (cost limits, ``$ref`` resolution...).
 
@@ -65,12 +69,18 @@ def relaxed(schema: Any, depth: int = 0) -> Any:
             keep.discard("format")
         if "pattern" in keep and not _followable(schema):
             keep.discard("pattern")
+        # A bound the grammar would spell out rule by rule past its limit: left unbounded.
+        keep -= {key for key in _BOUNDS & keep if not _spellable_bound(schema[key])}
         if "pattern" in keep:
             keep -= {"format", "minLength", "maxLength"}
         elif "format" in keep:
             keep -= {"minLength", "maxLength"}
     kept.update({key: _children(key, schema[key], depth) for key in keep})
     return {**kept, **containers}
+
+
+def _spellable_bound(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_REPEAT
 
 
 def _followable(schema: dict[str, Any]) -> bool:

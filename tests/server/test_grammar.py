@@ -562,6 +562,7 @@ def test_a_non_strict_tool_keeps_what_the_grammar_enforces(grammars: Grammars) -
         "properties": {
             "offset": {"type": "integer", "minimum": 0, "exclusiveMinimum": -1},
             "url": {"type": "string", "format": "uri"},
+            "script": {"type": "string", "maxLength": 100_000},
             "tags": {"type": "object", "propertyNames": {"pattern": "^[a-z]+$"}},
             "mode": {"enum": ["a", "b"], "description": "x"},
             "either": {
