@@ -44,6 +44,7 @@ from ggufserve.api.messages_wire import (
 )
 from ggufserve.api.wire import ChatCompletionRequest
 from ggufserve.errors import InvalidRequestError
+from ggufserve.generation.turns import merged_turns
 
 # output_config.effort → the chat request's reasoning_effort (it tops out at "high").
 EFFORTS = {"low": "low", "medium": "medium", "high": "high", "xhigh": "high", "max": "high"}
@@ -139,7 +140,7 @@ def _messages(body: MessagesInput) -> list[dict[str, Any]]:
             out.append(_assistant(blocks, names, where))
         else:
             out.extend(_user(blocks, names, where))
-    return out
+    return merged_turns(out, [""] * len(out))[0]
 
 
 def _blocks(message: MessageIn) -> list[ContentBlockIn]:

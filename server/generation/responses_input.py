@@ -38,6 +38,7 @@ from ggufserve.api.responses_wire import (
 )
 from ggufserve.api.wire import ChatCompletionRequest, _GenerationFields
 from ggufserve.errors import InvalidRequestError
+from ggufserve.generation.turns import merged_turns
 
 ITEMS = TypeAdapter(list[InputItem])
 # include values that ask for nothing this server leaves out: no encrypted reasoning is
@@ -194,7 +195,8 @@ def translate(body: ResponsesRequest, history: list[Any]) -> Translated:
     for index, item in enumerate(request_items(body)):
         messages.item(item, f"input.{index}")
     data: dict[str, Any] = body.model_dump(include=PASSED_FIELDS, exclude_none=True)
-    data["messages"] = messages.messages
+    turns, origins = merged_turns(messages.messages, messages.origins)
+    data["messages"] = turns
     data.update(_tools(body))
     if body.text is not None and body.text.format is not None:
         data["response_format"] = _response_format(body)
@@ -207,10 +209,10 @@ def translate(body: ResponsesRequest, history: list[Any]) -> Translated:
     except ValidationError as exc:
         error = exc.errors(include_url=False, include_input=False)[0]
         param = ".".join(str(part) for part in error["loc"]) or None
-        param = responses_param(param, messages.origins)
+        param = responses_param(param, origins)
         where = f"'{param}': " if param else ""
         raise InvalidRequestError(f"Invalid request: {where}{error['msg']}.", param=param) from None
-    return Translated(chat, messages.origins)
+    return Translated(chat, origins)
 
 
 def _tools(body: ResponsesRequest) -> dict[str, Any]:
@@ -267,20 +269,14 @@ def _response_format(body: ResponsesRequest) -> dict[str, Any]:
 
 class _Messages:
     """Chat messages built item by item; consecutive assistant-side items (reasoning, a
-    message, function calls: one earlier turn's output) merge into one assistant message,
-    and consecutive system (``developer``) or user messages into one, as agents send them
-    (Codex: two developer messages, then two user messages) and templates that need turns
-    to alternate (Gemma 3) require."""
+    message, function calls: one earlier turn's output) merge into one assistant message
+    (system and user messages merge afterwards: :func:`merged_turns`)."""
 
     def __init__(self) -> None:
         self.messages: list[dict[str, Any]] = []
         self.origins: list[str] = []
 
     def add(self, message: dict[str, Any], origin: str) -> None:
-        last = self.messages[-1] if self.messages else None
-        if last is not None and last["role"] == message["role"] in ("system", "user"):
-            last["content"] = _joined(last["content"], message["content"])
-            return
         self.messages.append(message)
         self.origins.append(origin)
 
@@ -344,17 +340,6 @@ class _Messages:
             else:
                 parts.append({"type": "text", "text": _part_text(part, where)})
         self.add({"role": role, "content": parts}, origin)
-
-
-def _joined(first: str | list[Any], second: str | list[Any]) -> str | list[Any]:
-    """Two messages' contents as one, a blank line between their texts."""
-    if isinstance(first, str) and isinstance(second, str):
-        return f"{first}\n\n{second}"
-
-    def parts(content: str | list[Any]) -> list[Any]:
-        return [{"type": "text", "text": content}] if isinstance(content, str) else content
-
-    return [*parts(first), {"type": "text", "text": "\n\n"}, *parts(second)]
 
 
 def _image_url(part: InputImage, where: str) -> str:
