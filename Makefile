@@ -135,6 +135,12 @@ $(STAMP_BENCH): $(STAMP_TEST)
 bench: install $(STAMP_BENCH) $(BENCH_VENV)/.installed
 	$(BIN)/python -m tests.bench.run --peer-python $(BENCH_VENV)/bin/python $(BENCH_ARGS)
 
+# Prompt lookup on and off: a copy-heavy rewrite and sampled free text, c = 1 and 4, with
+# llama-server (--spec-type ngram-simple and without) as the peer.
+.PHONY: bench-spec
+bench-spec: install $(STAMP_BENCH) $(BENCH_VENV)/.installed
+	$(BIN)/python -m tests.bench.speculation --peer-python $(BENCH_VENV)/bin/python $(BENCH_ARGS)
+
 # Decode tok/s with and without a grammar (json_schema, forced tool call).
 bench-structured: $(STAMP_TEST)
 	$(BIN)/python -m tests.bench.structured $(BENCH_ARGS)
