@@ -59,12 +59,15 @@ RESERVED_TEMPLATE_VARS = {"messages", "tools", "add_generation_prompt", "bos_tok
 @dataclass(frozen=True)
 class CheckedChat:
     """A request that passed the checks needing no model: its tool choice and the
-    template variables it sets."""
+    template variables it sets. ``fit_max_tokens``: a ``max_tokens`` past the context
+    left after the prompt is lowered to it instead of refused (Claude Code always asks
+    for 32,000 tokens; a local model's context is often smaller)."""
 
     body: ChatCompletionRequest
     selection: ToolSelection
     template_extra: dict[str, Any]
     format_spec: GrammarSpec | None  # response_format's grammar (None: free text)
+    fit_max_tokens: bool = False
 
 
 @dataclass(frozen=True)
@@ -207,6 +210,8 @@ class ChatService:
             n_prompt = len(prompt)
         n_ctx = engine.info.n_ctx
         max_tokens = body.max_completion_tokens or body.max_tokens
+        if checked.fit_max_tokens and max_tokens is not None and n_prompt < n_ctx:
+            max_tokens = min(max_tokens, n_ctx - n_prompt)
         images_n = media.image_tokens if media is not None else ()
         check_context(
             n_prompt, max_tokens, n_ctx, part="messages", param="messages", image_tokens=images_n

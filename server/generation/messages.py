@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from pydantic import BaseModel
@@ -131,7 +131,8 @@ class MessagesService:
         """
         with _messages_params():
             checked = self._chat.check(chat_request(body))
-        return CheckedMessages(checked)
+        # Anthropic's clients send a fixed max_tokens (Claude Code: 32,000): fit it.
+        return CheckedMessages(replace(checked, fit_max_tokens=True))
 
     async def prepare(
         self, checked: CheckedMessages, lease: Lease, request_id: str

@@ -65,6 +65,17 @@ def test_create_text(claude: anthropic.Anthropic) -> None:
     assert short.stop_reason == "max_tokens" and short.usage.output_tokens == 2
 
 
+def test_max_tokens_past_the_context_is_fitted_not_refused(claude: anthropic.Anthropic) -> None:
+    """Claude Code always sends max_tokens 32000; the test server's n_ctx is 2048: the
+    reply may use what the prompt leaves. A prompt alone over n_ctx is still a 400."""
+    reply = create(claude, max_tokens=32_000, stop_sequences=[" "])
+    assert reply.stop_reason in ("stop_sequence", "end_turn")
+    assert reply.usage.output_tokens < 2048
+    with pytest.raises(anthropic.BadRequestError) as caught:
+        create(claude, max_tokens=32_000, messages=[{"role": "user", "content": "word " * 5000}])
+    assert "context" in str(caught.value)
+
+
 def test_count_tokens_equals_the_replys_prompt(claude: anthropic.Anthropic) -> None:
     fields: dict[str, Any] = {"system": "Answer briefly.", "tools": [WEATHER], "messages": ASK}
     counted = claude.messages.count_tokens(model=MODEL, **fields).input_tokens
