@@ -33,6 +33,7 @@ API_KEY = "agents-key"
 SECRET = "tangerine"
 PROMPT = "Run the shell command `cat notes.txt` and tell me the secret word it contains."
 AGENT_TIMEOUT_S = 600
+MAX_OUTPUT_TOKENS = 512
 # The bundled model's trained context: the agents' system prompts and tool lists are long.
 N_CTX = 32768
 
@@ -172,6 +173,8 @@ def run_claude(bin_dir: Path, base_url: str, work: Path, home: Path) -> AgentRun
         "ANTHROPIC_DEFAULT_HAIKU_MODEL": MODEL,
         "ANTHROPIC_SMALL_FAST_MODEL": MODEL,
         "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
+        # A small base model can ramble to the end of its context: keep each reply short.
+        "CLAUDE_CODE_MAX_OUTPUT_TOKENS": str(MAX_OUTPUT_TOKENS),
         "DISABLE_AUTOUPDATER": "1",
     }
     code, out, err = run(args, env, work)
