@@ -369,7 +369,7 @@ MESSAGES_WRONG: list[dict[str, Any]] = [
     {"messages": [{"role": "user", "content": "x"}], "metadata": 5},
     {"messages": [{"role": "user", "content": "x"}], "max_tokens": "5"},
     {"messages": [{"role": "user", "content": "x"}], "max_tokens": 0},
-    {"messages": [{"role": "user", "content": "x"}], "max_tokens": 10**40},
+    {"messages": [{"role": "user", "content": "x"}], "max_tokens": -1},
     {"messages": [{"role": "user", "content": "x"}], "stop_sequences": ["s"] * 1000},
     {"messages": [{"role": "user", "content": "x"}], "temperature": 1.5},
     {"messages": [{"role": "user", "content": "x"}], "top_k": -1},

@@ -60,6 +60,7 @@ CHAT_CASES: list[tuple[str, dict[str, Any], str]] = [
                     "type": "function",
                     "function": {
                         "name": "f",
+                        "strict": True,  # a non-strict tool leaves out what is unenforceable
                         "parameters": {"type": "object", "not": {"required": ["x"]}},
                     },
                 }

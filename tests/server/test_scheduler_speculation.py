@@ -96,7 +96,7 @@ def test_a_stop_string_inside_an_accepted_draft_ends_the_output_there(
     harness = make(1, speculation=SPEC)
     found = run(harness, CYCLE, stop=["<14>"])
     assert text(found) == "<12><13>"
-    assert found[-1] == Finished("stop", 7, 3, 0)
+    assert found[-1] == Finished("stop", 7, 3, 0, stop_sequence="<14>")
     sampler = next(iter(harness.samplers.values()))
     assert sampler.calls == 3  # nothing sampled past the stop
     # Rows 12, 13, 14 stay cached (positions 7-9); the unverified 10, 11 are dropped.
