@@ -141,6 +141,11 @@ bench: install $(STAMP_BENCH) $(BENCH_VENV)/.installed
 bench-spec: install $(STAMP_BENCH) $(BENCH_VENV)/.installed
 	$(BIN)/python -m tests.bench.speculation --peer-python $(BENCH_VENV)/bin/python $(BENCH_ARGS)
 
+# KV cache types f16 / q8_0 / q4_0: llama.cpp's KV memory, decode tok/s, KL vs f16.
+.PHONY: bench-kv
+bench-kv: $(STAMP_TEST)
+	$(BIN)/python -m tests.bench.kv_types $(BENCH_ARGS)
+
 # Decode tok/s with and without a grammar (json_schema, forced tool call).
 bench-structured: $(STAMP_TEST)
 	$(BIN)/python -m tests.bench.structured $(BENCH_ARGS)

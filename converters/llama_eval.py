@@ -13,6 +13,7 @@ import numpy as np
 
 from ggufserve.converters.errors import ConversionError
 from ggufserve.converters.llama_logs import ErrorLines, captured_logs
+from ggufserve.engine.kv_cache import KvCacheType, ggml_type
 
 LOGITS_BATCH_BYTES = 128 * 2**20  # float32 logits of one batch: 128 MiB
 MAX_BATCH = 512  # tokens
@@ -26,14 +27,22 @@ class QualityError(ConversionError):
 
 class LogitsRunner:
     """A loaded model (``with`` frees it and its context); the context is made by the
-    first ``logits`` call, sized for that token sequence.
+    first ``logits`` call, sized for that token sequence, its KV cache holding keys and
+    values as ``cache_types`` (f16 by default; ``engine/kv_cache.py``).
 
     Raises (on entering):
         QualityError: llama.cpp could not load the model.
     """
 
-    def __init__(self, path: Path, n_threads: int | None = None):
+    def __init__(
+        self,
+        path: Path,
+        n_threads: int | None = None,
+        *,
+        cache_types: tuple[KvCacheType, KvCacheType] = ("f16", "f16"),
+    ):
         self.path = path
+        self.cache_types = cache_types
         self.n_threads = n_threads or os.cpu_count() or 1
         self.errors = ErrorLines()
         self._model: Any = None
@@ -63,6 +72,7 @@ class LogitsRunner:
         cparams.n_batch = cparams.n_ubatch = self.n_batch
         cparams.n_threads = cparams.n_threads_batch = self.n_threads
         cparams.no_perf = True
+        cparams.type_k, cparams.type_v = (ggml_type(name) for name in self.cache_types)
         with captured_logs(self.errors):
             self._ctx = llama_cpp.llama_init_from_model(self._model, cparams)
         if not self._ctx:

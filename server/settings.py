@@ -25,6 +25,7 @@ from pydantic_core import ErrorDetails
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from ggufserve.api.wire import KeepAlive, keep_alive_seconds
+from ggufserve.engine.kv_cache import FlashAttn, KvCacheType, is_quantized
 from ggufserve.models.memory import parse_budget
 
 MiB = 1024 * 1024
@@ -85,6 +86,18 @@ class Speculative(_Entry):
     n_max: Annotated[int, Field(ge=1, le=64)] = 16
 
 
+def _lower(value: Any) -> Any:
+    """``Q8_0`` → ``q8_0``: llama.cpp's log and docs spell types both ways."""
+    return value.lower() if isinstance(value, str) else value
+
+
+def _on_off(value: Any) -> Any:
+    """YAML 1.1 reads a bare ``on`` / ``off`` as true / false: take them as meant."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return _lower(value)
+
+
 class ModelEntry(_Entry):
     """One served model.
 
@@ -93,7 +106,10 @@ class ModelEntry(_Entry):
     together in one context of ``n_ctx`` tokens shared by all of them.
     ``chat_template`` (inline Jinja) or ``chat_template_file`` override the template
     embedded in the GGUF. ``embeddings`` adds a pooled context for ``/v1/embeddings``
-    (its own KV memory of ``n_ctx`` tokens).
+    (its own KV memory of ``n_ctx`` tokens, always f16).
+    ``cache_type_k`` / ``cache_type_v`` store the generation context's keys / values
+    as f16 (default) or a smaller type (``q8_0``, ``q4_0``, ...: ``engine/kv_cache.py``);
+    a quantized V cache needs ``flash_attn`` ``auto`` or ``on``.
     """
 
     id: Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:/-]+$")]
@@ -109,6 +125,10 @@ class ModelEntry(_Entry):
     n_parallel: Annotated[int, Field(ge=1, le=256)] = 4
     # Keep the whole context in sliding-window layers so cached prefixes stay reusable.
     swa_full: bool = True
+    # KV cache element types (docs/engine-and-performance.md#kv-cache-types).
+    cache_type_k: Annotated[KvCacheType, BeforeValidator(_lower)] = "f16"
+    cache_type_v: Annotated[KvCacheType, BeforeValidator(_lower)] = "f16"
+    flash_attn: Annotated[FlashAttn, BeforeValidator(_on_off)] = "auto"
     # Also serve /v1/embeddings from a second, pooled context on the same weights.
     embeddings: bool = False
     # Tokens per image for Qwen-VL projectors (mtmd scales images into the range);
@@ -125,6 +145,15 @@ class ModelEntry(_Entry):
     def _one_template_form(self) -> ModelEntry:
         if self.chat_template is not None and self.chat_template_file is not None:
             raise ValueError("give at most one of 'chat_template' and 'chat_template_file'")
+        return self
+
+    @model_validator(mode="after")
+    def _quantized_v_needs_flash_attn(self) -> ModelEntry:
+        if self.flash_attn == "off" and is_quantized(self.cache_type_v):
+            raise ValueError(
+                f"'cache_type_v' {self.cache_type_v} is quantized, which needs flash "
+                "attention: set 'flash_attn' to auto or on, or 'cache_type_v' to f16"
+            )
         return self
 
     @field_validator("image_min_tokens")

@@ -22,6 +22,7 @@ from ggufserve.engine.base import (
     ModelInfo,
     ModelLoadError,
 )
+from ggufserve.engine.kv_cache import FlashAttn, KvCacheType, ggml_type, is_quantized
 from ggufserve.engine.media import MediaPrompt, Mtmd, read_token_range
 from ggufserve.engine.sampling import CompiledGrammar, TokenSampler, compile_grammar
 from ggufserve.engine.scheduler import ContextLimits, Scheduler
@@ -41,6 +42,11 @@ MEDIA_SPELLINGS = frozenset(
 # Output rows per step for scoring prompts (``/v1/completions`` echo + logprobs): each is a
 # logits row of n_vocab floats (1 MiB for Gemma 3's 262k vocabulary).
 PROMPT_LOGPROB_ROWS = 32
+FLASH_ATTN_TYPES = {
+    "auto": llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO,
+    "on": llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED,
+    "off": llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED,
+}
 
 
 class LlamaEngine:
@@ -56,6 +62,10 @@ class LlamaEngine:
             Gemma 3 image rows are non-causal and must sit in one ubatch).
         swa_full: Keep the whole context in sliding-window layers (Gemma 3), so a cached
             prefix can always be reused; costs KV memory (docs/engine-and-performance.md).
+        cache_type_k / cache_type_v: Element types of the KV cache's keys / values
+            (``engine/kv_cache.py``: f16, q8_0, q4_0, ...).
+        flash_attn: ``auto`` (llama.cpp's choice; forced on by a quantized V cache),
+            ``on`` or ``off``.
         max_queued: Requests allowed to wait for a free sequence.
         mmproj_path: The vision projector GGUF, or None for a text-only model.
         image_cache_bytes: Bound of the LRU of encoded images, in bytes (0 disables it).
@@ -71,8 +81,10 @@ class LlamaEngine:
             no mmproj, or a fixed-size projector such as Gemma 3's).
 
     Raises:
-        ModelLoadError: llama.cpp failed to load the file or create the context; image
-            token limits for a projector that ignores them, or a minimum above the maximum.
+        ModelLoadError: llama.cpp failed to load the file or create the context (e.g. a
+            quantized cache type whose block does not divide the model's head size); a
+            quantized ``cache_type_v`` with ``flash_attn`` off; image token limits for a
+            projector that ignores them, or a minimum above the maximum.
     """
 
     def __init__(
@@ -85,6 +97,9 @@ class LlamaEngine:
         n_threads: int | None,
         n_batch: int,
         swa_full: bool = True,
+        cache_type_k: KvCacheType = "f16",
+        cache_type_v: KvCacheType = "f16",
+        flash_attn: FlashAttn = "auto",
         max_queued: int,
         mmproj_path: Path | None = None,
         image_cache_bytes: int = 0,
@@ -94,6 +109,11 @@ class LlamaEngine:
         speculation: SpecConfig | None = PROMPT_LOOKUP,
     ):
         threads = n_threads or os.cpu_count() or 1
+        if flash_attn == "off" and is_quantized(cache_type_v):
+            raise ModelLoadError(
+                f"cache_type_v {cache_type_v} is quantized, which needs flash attention "
+                "(flash_attn auto or on)"
+            )
         # Read before the weights load, so that limits a projector ignores fail fast.
         self.image_range: TokenRange | None = (
             read_token_range(mmproj_path, image_min_tokens, image_max_tokens)
@@ -120,14 +140,24 @@ class LlamaEngine:
         ctx_params.n_outputs_max = n_outputs_max
         ctx_params.kv_unified = True
         ctx_params.swa_full = swa_full
+        ctx_params.type_k = ggml_type(cache_type_k)
+        ctx_params.type_v = ggml_type(cache_type_v)
+        ctx_params.flash_attn_type = FLASH_ATTN_TYPES[flash_attn]
         ctx_params.n_threads = ctx_params.n_threads_batch = threads
         try:
             self._model = _internals.LlamaModel(
                 path_model=str(model_path), params=model_params, verbose=False
             )
-            self._ctx = _internals.LlamaContext(model=self._model, params=ctx_params, verbose=False)
         except (ValueError, RuntimeError, OSError):
             raise ModelLoadError("llama.cpp could not load the model file") from None
+        try:
+            self._ctx = _internals.LlamaContext(model=self._model, params=ctx_params, verbose=False)
+        except (ValueError, RuntimeError, OSError):
+            self._model.close()
+            raise ModelLoadError(
+                f"llama.cpp could not create a context of {n_ctx} tokens (cache_type_k "
+                f"{cache_type_k}, cache_type_v {cache_type_v}, flash_attn {flash_attn})"
+            ) from None
         self._vocab = llama_cpp.llama_model_get_vocab(self._model.model)
         self._pieces: dict[tuple[int, bool], bytes] = {}
         self.special_tokens, max_token_chars = self._read_vocab()

@@ -198,8 +198,13 @@ class Loader:
         entry = served.entry
         paths = model_paths(entry, served.base_dir)
         if served.memory_bytes is None:
-            n_contexts = 2 if entry.embeddings else 1
-            served.memory_bytes = estimate_bytes(*paths, n_ctx=entry.n_ctx, n_contexts=n_contexts)
+            served.memory_bytes = estimate_bytes(
+                *paths,
+                n_ctx=entry.n_ctx,
+                type_k=entry.cache_type_k,
+                type_v=entry.cache_type_v,
+                embeddings=entry.embeddings,
+            )
         self._make_room(served)
         release = self._context.hold_files(served)
         try:

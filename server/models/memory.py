@@ -2,14 +2,17 @@
 
 A model's memory is **estimated** before it loads, from its files and GGUF metadata::
 
-    GGUF file(s) + mmproj file + contexts × n_ctx × Σ_layers n_head_kv × (k + v) × 2 B
+    GGUF file(s) + mmproj file + n_ctx × Σ_layers n_head_kv × (k × B_k + v × B_v)
+                               [+ n_ctx × Σ_layers n_head_kv × (k + v) × 2 B]
 
-the last term being the F16 KV cache of every context the model gets (one for
-generation, a second one with ``embeddings: true``), each layer holding ``n_ctx`` cells
-(exact with ``swa_full: true``, the default; an overestimate for sliding-window layers
-otherwise). llama.cpp's compute buffers, the logits buffer and the image cache are not
-counted: leave some headroom under the machine's real memory. The same figure is kept
-while the model is loaded, so the accounting never depends on what the allocator did.
+the second term being the generation context's KV cache, B_k / B_v the bytes per element
+of ``cache_type_k`` / ``cache_type_v`` (f16: 2, q8_0: 34/32, q4_0: 18/32, from gguf-py's
+``GGML_QUANT_SIZES``), and the bracket the f16 KV cache of the embedding context
+(``embeddings: true``). Each layer holds ``n_ctx`` cells (exact with ``swa_full: true``,
+the default; an overestimate for sliding-window layers otherwise). llama.cpp's compute
+buffers, the logits buffer and the image cache are not counted: leave some headroom under
+the machine's real memory. The same figure is kept while the model is loaded, so the
+accounting never depends on what the allocator did.
 """
 
 from __future__ import annotations
@@ -21,11 +24,11 @@ from pathlib import Path
 from typing import Any
 
 from ggufserve.converters.gguf_meta import read_metadata
+from ggufserve.engine.kv_cache import KvCacheType, row_bytes
 
 log = logging.getLogger(__name__)
 
 MiB = 1024 * 1024
-F16_BYTES = 2
 # Unit → bytes: K/M/G/T and KiB..TiB are binary (as llama.cpp and Docker read "8G");
 # KB/MB/GB/TB are decimal.
 _UNITS = {
@@ -88,12 +91,12 @@ def file_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in siblings if p.is_file())
 
 
-def kv_bytes_per_token(path: Path) -> int:
-    """F16 KV cache bytes one token takes in every layer, from the GGUF's metadata
-    (``block_count``, ``attention.head_count_kv`` (a number or one per layer),
-    ``attention.key_length`` / ``value_length``, default ``embedding_length /
-    head_count``). 0 when the header cannot be read or names no attention (the load
-    itself then reports a broken file)."""
+def kv_bytes_per_token(path: Path, type_k: KvCacheType = "f16", type_v: KvCacheType = "f16") -> int:
+    """KV cache bytes one token takes over all layers, keys stored as ``type_k`` and
+    values as ``type_v``, from the GGUF's metadata (``block_count``,
+    ``attention.head_count_kv`` (a number or one per layer), ``attention.key_length`` /
+    ``value_length``, default ``embedding_length / head_count``). 0 when the header
+    cannot be read or names no attention (the load itself then reports a broken file)."""
     meta = read_metadata(path, arrays=_per_layer)
     if meta is None:
         log.warning("cannot read the GGUF header of %s for the memory estimate", path.name)
@@ -108,7 +111,7 @@ def kv_bytes_per_token(path: Path) -> int:
     head_dim = n_embd // max(1, max(n_head, default=1))
     k = _number(meta.get(f"{arch}.attention.key_length")) or head_dim
     v = _number(meta.get(f"{arch}.attention.value_length")) or head_dim
-    return sum(n_head_kv) * (k + v) * F16_BYTES
+    return sum(row_bytes(type_k, heads * k) + row_bytes(type_v, heads * v) for heads in n_head_kv)
 
 
 def _per_layer(key: str) -> bool:
@@ -127,20 +130,32 @@ def _heads(value: Any, n_layer: int) -> list[int]:
     return [_number(value)] * n_layer if _number(value) else []
 
 
-def estimate_bytes(gguf: Path, mmproj: Path | None, *, n_ctx: int, n_contexts: int = 1) -> int:
+def estimate_bytes(
+    gguf: Path,
+    mmproj: Path | None,
+    *,
+    n_ctx: int,
+    type_k: KvCacheType = "f16",
+    type_v: KvCacheType = "f16",
+    embeddings: bool = False,
+) -> int:
     """The module docstring's estimate for one model (bytes).
 
     Args:
         gguf: The model file (first part of a split one).
         mmproj: The vision projector file, if any.
         n_ctx: Context size of each context, in tokens.
-        n_contexts: Contexts created on the weights (2 with embeddings).
+        type_k / type_v: The generation context's KV cache types (``cache_type_k/v``).
+        embeddings: An embedding context (f16 KV, ``n_ctx`` cells) is made too.
 
     Raises:
         OSError: a file cannot be read.
     """
     files = file_bytes(gguf) + (mmproj.stat().st_size if mmproj is not None else 0)
-    return files + n_contexts * n_ctx * kv_bytes_per_token(gguf)
+    kv = kv_bytes_per_token(gguf, type_k, type_v)
+    if embeddings:
+        kv += kv_bytes_per_token(gguf)
+    return files + n_ctx * kv
 
 
 @dataclass(frozen=True)

@@ -167,8 +167,34 @@ def test_estimate_of_the_bundled_model(bundled_gguf: Path) -> None:
     assert kv_bytes_per_token(bundled_gguf) == 18 * 512 * 2
     size = bundled_gguf.stat().st_size
     assert estimate_bytes(bundled_gguf, None, n_ctx=1024) == size + 1024 * 18432
-    with_embeddings = estimate_bytes(bundled_gguf, bundled_gguf, n_ctx=1024, n_contexts=2)
+    with_embeddings = estimate_bytes(bundled_gguf, bundled_gguf, n_ctx=1024, embeddings=True)
     assert with_embeddings == 2 * size + 2 * 1024 * 18432
+
+
+@pytest.mark.parametrize(("kind", "ratio"), [("q8_0", 34 / 32 / 2), ("q4_0", 18 / 32 / 2)])
+def test_quantized_kv_cache_shrinks_the_estimate(
+    bundled_gguf: Path, kind: str, ratio: float
+) -> None:
+    # ggml's sizes per element, from gguf-py's table (not the code under test's arithmetic).
+    block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[kind.upper()]]
+    assert size / block / 2 == ratio
+    f16 = kv_bytes_per_token(bundled_gguf)
+    assert kv_bytes_per_token(bundled_gguf, kind, kind) == f16 * ratio  # type: ignore[arg-type]
+    # keys and values each take half of an f16 cache's bytes (k = v = 256 on Gemma 3)
+    assert kv_bytes_per_token(bundled_gguf, kind, "f16") == f16 * (ratio + 1) / 2  # type: ignore[arg-type]
+    files = bundled_gguf.stat().st_size
+    quantized = estimate_bytes(bundled_gguf, None, n_ctx=8192, type_k=kind, type_v=kind)  # type: ignore[arg-type]
+    assert quantized - files == 8192 * f16 * ratio
+    # the embedding context keeps an f16 cache (flash attention off there)
+    both = estimate_bytes(
+        bundled_gguf,
+        None,
+        n_ctx=8192,
+        type_k=kind,
+        type_v=kind,
+        embeddings=True,  # type: ignore[arg-type]
+    )
+    assert both - quantized == 8192 * f16
 
 
 def test_unreadable_header_estimates_files_only(tmp_path: Path) -> None:

@@ -54,10 +54,33 @@ def test_defaults() -> None:
         ({**GOOD, "mmproj": {"url": "x"}}, "entry 'm': key 'mmproj.url'"),
         ({"gguf": {"path": "x"}}, "entry #1: key 'id': Field required"),
         ({**GOOD, "chat_template": "a", "chat_template_file": "b"}, "at most one of"),
+        ({**GOOD, "cache_type_k": "q3_k"}, "entry 'm': key 'cache_type_k': Input should be"),
+        ({**GOOD, "cache_type_v": 8}, "entry 'm': key 'cache_type_v'"),
+        ({**GOOD, "flash_attn": "sometimes"}, "entry 'm': key 'flash_attn'"),
+        (
+            {**GOOD, "cache_type_v": "q8_0", "flash_attn": False},
+            "'cache_type_v' q8_0 is quantized, which needs flash attention: set 'flash_attn'",
+        ),
     ],
 )
 def test_bad_entries_name_entry_and_key(entry: dict[str, object], expected: str) -> None:
     assert expected in problem({"models": [entry]})
+
+
+def test_kv_cache_keys() -> None:
+    """Defaults f16/f16/auto; types in either case; YAML's bare on/off (read as booleans)
+    taken as meant; a quantized K cache needs no flash attention."""
+    entry = parse_models_file({"models": [GOOD]}, "x").entry("m")
+    assert (entry.cache_type_k, entry.cache_type_v, entry.flash_attn) == ("f16", "f16", "auto")
+    text = (
+        "models:\n- {id: m, gguf: {path: m.gguf}, "
+        "cache_type_k: Q8_0, cache_type_v: q4_0, flash_attn: on}"
+    )
+    entry = parse_models_file(yaml.safe_load(text), "x").entry("m")
+    assert (entry.cache_type_k, entry.cache_type_v, entry.flash_attn) == ("q8_0", "q4_0", "on")
+    text = "models:\n- {id: m, gguf: {path: m.gguf}, cache_type_k: q4_0, flash_attn: off}"
+    entry = parse_models_file(yaml.safe_load(text), "x").entry("m")
+    assert (entry.cache_type_k, entry.cache_type_v, entry.flash_attn) == ("q4_0", "f16", "off")
 
 
 def test_duplicate_ids() -> None:
