@@ -30,11 +30,23 @@ Messages = str | Sequence[Mapping[str, Any] | BaseModel]
 
 
 def validated(model: type[M], payload: Mapping[str, Any]) -> M:
-    """``payload`` validated as the HTTP body would be (through JSON).
+    """``payload`` validated as the HTTP body would be (through JSON), except that a
+    field the request does not have is an error: over HTTP it is ignored (clients send
+    other servers' fields), in Python it is a typo (``max_token=8`` would run unbounded).
 
     Raises:
+        TypeError: a keyword that is not a field of ``model`` (named).
         InvalidRequestError: a value JSON cannot hold, or the first failing field.
     """
+    known = {
+        name
+        for field_name, field in model.model_fields.items()
+        for name in (field_name, field.alias)
+        if name
+    }
+    unknown = sorted(set(payload) - known)
+    if unknown:
+        raise TypeError(f"{model.__name__} has no field {unknown[0]!r}")
     try:
         raw = pydantic_core.to_json(payload)
     except pydantic_core.PydanticSerializationError as exc:

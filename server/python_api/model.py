@@ -236,11 +236,13 @@ class Model:
         return validated(EmbeddingRequest, {**params, "model": self.id, "input": inputs})
 
     async def _embed(self, body: EmbeddingRequest) -> EmbeddingResponse:
+        self._live_portal()
         return await create_embeddings(self._registry, self._embeddings, body)
 
     # ---- the shared path -------------------------------------------------------------
 
     async def _start(self, service: GenerationService[Any, Any], body: Any) -> Running[Any]:
+        self._live_portal()  # the a-methods run on the caller's loop: refuse once closed
         return await start_generation(self._registry, service, body, uuid.uuid4().hex)
 
     async def _complete(self, service: GenerationService[Any, Any], body: Any) -> BaseModel:
@@ -268,8 +270,9 @@ class Model:
     # ---- lifetime --------------------------------------------------------------------
 
     def close(self) -> None:
-        """Unload the model and stop its event loop (idempotent). Calls after it raise
-        ``ModelUnavailableError``; streams still open end."""
+        """Unload the model and stop its event loop (idempotent). Calls after it, and the
+        next step of a synchronous stream still open, raise ``ModelUnavailableError``
+        (code ``closed``)."""
         self._portal = None
         self._exit.close()
 

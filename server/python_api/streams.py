@@ -12,6 +12,7 @@ from typing import Any, Generic, TypeVar
 
 from anyio.from_thread import BlockingPortal
 
+from ggufserve.errors import ModelUnavailableError
 from ggufserve.generation.requests import Running
 
 T = TypeVar("T")
@@ -23,7 +24,8 @@ class ChunkStream(Generic[T]):
     synchronous code; a context manager whose exit calls :meth:`close`.
 
     Iteration raises the ``APIError`` of a generation that fails mid-way (e.g.
-    ``ModelUnavailableError`` ``kv_cache_full``) after the chunks sent before it.
+    ``ModelUnavailableError`` ``kv_cache_full``) after the chunks sent before it, and
+    ``ModelUnavailableError`` (code ``closed``) at the first step after ``Model.close()``.
     """
 
     def __init__(self, portal: BlockingPortal, running: Running[Any]):
@@ -38,7 +40,13 @@ class ChunkStream(Generic[T]):
     def __next__(self) -> T:
         if self._closed:
             raise StopIteration
-        future = self._portal.start_task_soon(self._step)
+        try:
+            future = self._portal.start_task_soon(self._step)
+        except RuntimeError:  # the portal stopped: Model.close() ended the model's loop
+            self.close()
+            raise ModelUnavailableError(
+                "The model is closed; its open streams ended with it.", code="closed"
+            ) from None
         try:
             chunk = future.result()
         except BaseException:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
 
 import pytest
 from pydantic import BaseModel
@@ -130,3 +131,28 @@ def test_context_overflow_raises_the_documented_error(model: ggufserve.Model) ->
     with pytest.raises(ggufserve.ContextLengthExceededError):
         model.chat("Hello.", max_tokens=5000, stream=True)  # checked before any chunk
     assert in_flight(model) == 0
+
+
+def test_close_ends_open_streams_and_later_calls_with_the_closed_error(
+    bundled_gguf: Path, store_home: Path
+) -> None:
+    closing = ggufserve.load(bundled_gguf, home=store_home, n_ctx=1024, n_parallel=2)
+    chunks = closing.chat("Count.", stream=True, max_tokens=200)
+    next(chunks)
+    closing.close()
+    with pytest.raises(ggufserve.ModelUnavailableError) as stream_error:
+        next(chunks)  # not anyio's "portal is not running"
+    assert stream_error.value.code == "closed"
+    assert list(chunks) == []  # the stream stays ended
+    with pytest.raises(ggufserve.ModelUnavailableError) as sync_error:
+        closing.chat("Hello.", max_tokens=2)
+    with pytest.raises(ggufserve.ModelUnavailableError) as async_error:
+        asyncio.run(closing.achat("Hello.", max_tokens=2))
+    with pytest.raises(ggufserve.ModelUnavailableError) as embed_error:
+        asyncio.run(closing.aembed("Hello."))
+    assert {sync_error.value.code, async_error.value.code, embed_error.value.code} == {"closed"}
+
+
+def test_an_unknown_keyword_is_a_type_error_naming_it(model: ggufserve.Model) -> None:
+    with pytest.raises(TypeError, match="max_token"):
+        model.chat("Hi", max_token=8)
