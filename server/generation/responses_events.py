@@ -93,6 +93,7 @@ class ResponseEvents(StreamWriter):
         self._finished: list[Finished] | None = None
         self._chunks = chunks
         self._shell = shell
+        self._namespaces = tool_namespaces(shell)  # once: every function_call item reads it
         self._suffix = shell.id.removeprefix("resp_")
         self._count_reasoning = count_reasoning
         self._on_done = on_done
@@ -313,7 +314,7 @@ class ResponseEvents(StreamWriter):
         if opened.kind == "function_call":
             return OutputFunctionCall.named(
                 opened.name,
-                tool_namespaces(self._shell),
+                self._namespaces,
                 id=opened.id,
                 call_id=opened.call_id,
                 arguments=text,
