@@ -210,8 +210,11 @@ class TokenSampler:
         self._data = np.zeros(n_vocab if grammar is not None else 0, dtype=TOKEN_DATA)
         self._ids = np.arange(len(self._data), dtype=np.int32)
 
-    def sample(self, ctx: _internals.LlamaContext, index: int) -> int:
-        """Pick (and accept) the next token from batch row ``index``.
+    def sample(
+        self, ctx: _internals.LlamaContext, index: int, saved: np.ndarray | None = None
+    ) -> int:
+        """Pick (and accept) the next token from batch row ``index``, or from ``saved``, a
+        logits row kept from an earlier decode (float32, shape (n_vocab,)) when given.
 
         Raises:
             GrammarDeadEnd: the grammar refuses every token (the sequence must end).
@@ -220,11 +223,11 @@ class TokenSampler:
                 was accepted, but the sequence should end.
         """
         if self._grammar is None:
-            return self._chain.sample(ctx, index)  # samples and accepts, all in C
+            return self._chain_sample(ctx, index, saved)
         # This thread's CPU time, not wall time: on a busy machine (other processes, the GIL)
         # a legitimate step must not look like a runaway grammar.
         start_s = time.thread_time()
-        token = self._sample_with_grammar(ctx, index)
+        token = self._sample_with_grammar(ctx, index, saved)
         elapsed_s = time.thread_time() - start_s
         if elapsed_s > self._max_grammar_step_s:
             raise GrammarTooExpensive(
@@ -233,12 +236,26 @@ class TokenSampler:
             )
         return token
 
-    def _sample_with_grammar(self, ctx: _internals.LlamaContext, index: int) -> int:
+    def _chain_sample(
+        self, ctx: _internals.LlamaContext, index: int, saved: np.ndarray | None
+    ) -> int:
+        """The chain's pick, accepted: in C from the batch row, else from ``saved`` (the
+        same steps as llama_sampler_sample: apply the chain to every token, accept)."""
+        if saved is None:
+            return self._chain.sample(ctx, index)
+        token = self._pick(saved)
+        assert token is not None  # no grammar applied: the chain always selects
+        self._chain.accept(token)
+        return token
+
+    def _sample_with_grammar(
+        self, ctx: _internals.LlamaContext, index: int, saved: np.ndarray | None
+    ) -> int:
         if not self._active:
-            token = self._chain.sample(ctx, index)
+            token = self._chain_sample(ctx, index, saved)
             self._watch(token)
             return token
-        logits = logits_row(ctx, index, self._n_vocab)
+        logits = saved if saved is not None else logits_row(ctx, index, self._n_vocab)
         picked = self._pick(logits)
         allowed = picked is not None and self._allowed(picked)
         token = picked if picked is not None and allowed else self._pick_constrained(logits)
@@ -312,10 +329,14 @@ class TokenSampler:
     ) -> int | None:
         """The chain's pick among ``ids`` (default: the whole vocabulary), after the
         grammar when ``constrained``; None when the grammar refuses them all."""
-        data = self._data if ids is None else np.zeros(len(ids), dtype=TOKEN_DATA)
+        if ids is None and len(self._data) == len(logits):
+            data, ids, chosen = self._data, self._ids, logits
+        else:  # a subset, or a grammar-free sampler's one pick from saved logits
+            ids = np.arange(len(logits), dtype=np.int32) if ids is None else ids
+            data, chosen = np.zeros(len(ids), dtype=TOKEN_DATA), logits[ids]
         # Samplers sort the array in place: every field is written afresh each time.
-        data["id"] = self._ids if ids is None else ids
-        data["logit"] = logits if ids is None else logits[ids]
+        data["id"] = ids
+        data["logit"] = chosen
         data["p"] = 0.0
         array = self._array(data)
         if constrained:

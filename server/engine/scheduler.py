@@ -9,10 +9,16 @@ One thread owns the context (llama.cpp contexts are not thread-safe). Each step:
 3. builds one batch: one token for every generating sequence, then prompt chunks of the
    sequences still prefilling, oldest first, within ``n_batch`` (at most
    ``prefill_chunk`` prompt tokens while any sequence generates, so a long prompt
-   cannot freeze running streams); a prompt's last token is decoded in a later step
-   than the rest, so its logits do not depend on how much of the prompt was cached;
+   cannot freeze running streams);
 4. runs one ``llama_decode``, then samples each sequence's output row with its own
    sampler (and reads logprobs from that row when asked).
+
+A text prompt's last row of logits is kept on its sequence. A later request with the
+same prompt (a retry, a regeneration, the other choices of ``n``) reuses every cell and
+samples its first token from those logits, with no decode: the same logits bit for bit,
+which decoding the last token again would not give (llama.cpp's CPU kernels round
+differently for different batch sizes). A prompt that only shares a prefix decodes the
+rest in one piece, as an uncached prompt does.
 
 With speculation (``speculative.SpecConfig``), a generating sequence's token may be
 followed by draft tokens from prompt lookup, in the room the prompt chunks leave, each
@@ -42,6 +48,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import llama_cpp
+import numpy as np
 from llama_cpp import _internals
 
 from ggufserve.engine.base import (
@@ -107,12 +114,18 @@ class ContextOps(Protocol):
         """The smallest position the sequence still holds (-1: none)."""
         ...
 
+    def logits(self, row: int) -> np.ndarray:
+        """Batch row ``row``'s logits after the last decode (float32, (n_vocab,); a view
+        valid until the next decode)."""
+        ...
+
 
 class LlamaContextOps:
     """:class:`ContextOps` on a llama.cpp context."""
 
-    def __init__(self, ctx: _internals.LlamaContext):
+    def __init__(self, ctx: _internals.LlamaContext, n_vocab: int):
         self._ctx = ctx
+        self._n_vocab = n_vocab
         self._memory = llama_cpp.llama_get_memory(ctx.ctx)
 
     def decode(self, batch: llama_cpp.llama_batch) -> int:
@@ -126,6 +139,9 @@ class LlamaContextOps:
 
     def seq_pos_min(self, seq_id: int) -> int:
         return llama_cpp.llama_memory_seq_pos_min(self._memory, seq_id)
+
+    def logits(self, row: int) -> np.ndarray:
+        return logits_row(self._ctx, row, self._n_vocab)
 
 
 class Scheduler:
@@ -168,7 +184,7 @@ class Scheduler:
         speculation: SpecConfig | None = None,
     ):
         self._ctx = ctx
-        self._ops = ops if ops is not None else LlamaContextOps(ctx)
+        self._ops = ops if ops is not None else LlamaContextOps(ctx, limits.n_vocab)
         self._limits = limits
         self._start = start
         self._piece = piece
@@ -331,39 +347,49 @@ class Scheduler:
             running.drafter = PromptLookup(history, capacity, self._speculation)
         head = running.pieces[0] if running.pieces else []
         prompt = head if isinstance(head, list) else []
-        # At least one prompt token is decoded again, for fresh logits; prompt logprobs
-        # need every row's logits, so nothing is reused.
-        limit = len(prompt) - (1 if len(running.pieces) == 1 else 0)
-        if generation.request.prompt_logprobs is not None:
-            limit = 0
-        source, keep = None, 0
+        text_only = len(running.pieces) == 1 and bool(prompt)
+        # A text prompt is reused whole only where its logits were kept (see Slot); else
+        # its last token is decoded again, for fresh logits. Prompt logprobs need every
+        # row's logits, so nothing is reused.
+        reuse = generation.request.prompt_logprobs is None
+        limit = len(prompt) - (1 if text_only else 0) if reuse else 0
+        source, keep, saved = None, 0, None
         for slot in self._slots:
-            n = min(common_prefix(slot.cached, prompt), limit)
+            logits = slot.logits_after(prompt) if text_only and reuse else None
+            shared = common_prefix(slot.cached, prompt)
+            n = len(prompt) if logits is not None else min(shared, limit)
             if n > keep or (n == keep and n > 0 and slot in free and source not in free):
-                source, keep = slot, n
+                source, keep, saved = slot, n, logits
         if source is not None and not self._window_cached(source, keep):
-            source, keep = None, 0
+            source, keep, saved = None, 0, None
         if source is not None and source in free:
             target = source
             if not self._ops.seq_rm(target.seq_id, keep, -1):
-                keep = 0
+                keep, saved = 0, None
                 self._ops.seq_rm(target.seq_id, 0, -1)
+            target.forget(keep)
         else:
             target = min(free, key=lambda s: (len(s.cached) > 0, s.last_used))
             self._ops.seq_rm(target.seq_id, 0, -1)
+            target.forget()
             if source is not None and keep > 0:
                 self._ops.seq_cp(source.seq_id, target.seq_id, 0, keep)
-        target.cached = prompt[:keep]
-        target.n_past = keep
+                target.cached.extend(prompt[:keep])
+                target.n_past = keep
+        if saved is not None:
+            target.keep_logits(saved, keep)
         if keep and keep == len(prompt):
             running.pieces.popleft()  # the whole text before the first image is cached
         elif keep:
             running.pieces[0] = prompt[keep:]
         running.n_cached = keep
+        running.keeps_logits = text_only
         self.stats.prompt_tokens += running.n_prompt
         self.stats.prompt_tokens_reused += keep
         self.stats.queue_seconds.observe(running.admitted_at - running.submitted_at)
         target.running = running
+        if saved is not None:
+            self._prompt_ready(target, saved=saved)
 
     def _window_cached(self, source: Slot, keep: int) -> bool:
         limits = self._limits
@@ -455,10 +481,6 @@ class Scheduler:
                 continue
             take = head[: min(budget, outputs) if scoring else budget]
             last = len(take) == len(head) and len(running.pieces) == 1
-            if last and len(take) > 1:
-                # The prompt's last token gets a step of its own: its logits (and so a
-                # seeded sample) are then the same whether the prefix came from the cache.
-                take, last = take[:-1], False
             if scoring:
                 outputs -= len(take)
             chunks.append((slot, take, scoring or last, scoring))
@@ -514,11 +536,7 @@ class Scheduler:
             if not output or (prefilling and running.pieces):
                 continue  # a scored prompt chunk that is not the prompt's end
             if prefilling:
-                self._prompt_done(slot)
-                if slot.running is None:
-                    continue
-                if (token := self._sample(slot, index - 1)) is not None:
-                    self._accept(slot, token)
+                self._prompt_ready(slot, row=index - 1)
             else:
                 self._verify(slot, first, running.draft)
 
@@ -535,12 +553,13 @@ class Scheduler:
             position = len(scored)
             if position >= len(prompt):
                 break
-            logits = logits_row(self._ctx, first + i, self._limits.n_vocab)
+            logits = self._ops.logits(first + i)
             scored.append(token_logprob(logits, prompt[position], top_n, self._shown_piece))
 
-    def _prompt_done(self, slot: Slot) -> None:
+    def _prompt_ready(self, slot: Slot, *, row: int = -1, saved: np.ndarray | None = None) -> None:
         """The prompt is all in the KV cache: followers may copy it; a scoring-only
-        request (``max_tokens`` 0) ends here."""
+        request (``max_tokens`` 0) ends here, others sample their first token from batch
+        row ``row`` or from the kept logits ``saved`` (a repeated prompt, not decoded)."""
         running = slot.running
         assert running is not None
         running.generation.prompt_cached = True
@@ -548,6 +567,12 @@ class Scheduler:
             running.generation.emit(PromptLogprobs(tuple(running.prompt_logprobs)))
         if running.max_tokens == 0:
             self._finish(slot, "length")
+            return
+        if saved is None and running.keeps_logits:
+            # Copied: the row is llama.cpp's buffer, rewritten by the next decode.
+            slot.keep_logits(self._ops.logits(row).copy(), len(slot.cached))
+        if (token := self._sample(slot, row, saved)) is not None:
+            self._accept(slot, token)
 
     def _verify(self, slot: Slot, first: int, draft: list[int]) -> None:
         """Sample rows ``first``.. (the sequence's token, then ``draft``) in order while
@@ -556,6 +581,9 @@ class Scheduler:
         running = slot.running
         assert running is not None
         kept = 0
+        # Counted before any token is accepted: the last one's Finished event may wake a
+        # reader of the counters.
+        self.stats.spec_drafted_tokens += len(draft)
         for i in range(len(draft) + 1):
             if i and running.generation.cancelled:
                 break  # the next step releases it
@@ -564,13 +592,12 @@ class Scheduler:
                 return  # failed: the sequence's cells are gone already
             matched = i < len(draft) and token == draft[i]
             kept += matched
+            self.stats.spec_accepted_tokens += matched
             self._accept(slot, token)
             if not matched or slot.running is None:
                 break
         if not draft:
             return
-        self.stats.spec_drafted_tokens += len(draft)
-        self.stats.spec_accepted_tokens += kept
         assert running.drafter is not None
         running.drafter.record(len(draft), kept)
         if rejected := len(draft) - kept:
@@ -578,18 +605,18 @@ class Scheduler:
             del slot.cached[-rejected:]
             self._ops.seq_rm(slot.seq_id, slot.n_past, -1)
 
-    def _sample(self, slot: Slot, row: int) -> int | None:
-        """The sequence's next token from batch row ``row`` (logprobs noted when asked);
-        None when its grammar failed it."""
+    def _sample(self, slot: Slot, row: int, saved: np.ndarray | None = None) -> int | None:
+        """The sequence's next token from batch row ``row``, or from the kept logits
+        ``saved`` (logprobs noted when asked); None when its grammar failed it."""
         running = slot.running
         assert running is not None
         request = running.generation.request
         logits = None
         if request.logprobs is not None:
             # Copied before sampling: the row is llama.cpp's buffer.
-            logits = logits_row(self._ctx, row, self._limits.n_vocab).copy()
+            logits = saved if saved is not None else self._ops.logits(row).copy()
         try:
-            token = running.sampler.sample(self._ctx, row)
+            token = running.sampler.sample(self._ctx, row, saved)
         except GrammarFailure as exc:
             # Only this sequence ends; the others in the batch go on.
             log.warning("generation failed by its grammar: %s", exc)

@@ -50,6 +50,8 @@ class Running:
         prompt_logprobs: Logprobs of the prompt tokens decoded so far (when requested).
         drafter: Prompt-lookup drafts for this generation (None: no speculation).
         draft: The draft tokens decoded after ``next_token`` in the current step.
+        keeps_logits: The prompt is one text piece: the logits after it are kept on the
+            slot for a repeat (``Slot.prompt_logits``).
     """
 
     generation: Generation
@@ -68,6 +70,7 @@ class Running:
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
     drafter: PromptLookup | None = None
     draft: list[int] = field(default_factory=list)
+    keeps_logits: bool = False
 
     @property
     def max_tokens(self) -> int:
@@ -90,6 +93,11 @@ class Slot:
         running: The generation on it, or None when idle (its cache kept for reuse).
         last_used: When it last finished (monotonic seconds), for picking which idle
             cache to drop first.
+        prompt_logits: The logits row (float32, (n_vocab,)) that followed the last text
+            prompt decoded here, i.e. ``cached[:prompt_logits_at]``: a repeat of that
+            prompt samples its first token from it instead of decoding again. Never
+            written to (choices of one request share it).
+        prompt_logits_at: How many cached tokens ``prompt_logits`` follows (0: none).
     """
 
     seq_id: int
@@ -97,11 +105,26 @@ class Slot:
     n_past: int = 0
     running: Running | None = None
     last_used: float = 0.0
+    prompt_logits: np.ndarray | None = None
+    prompt_logits_at: int = 0
 
     def forget(self, keep: int = 0) -> None:
         """Bookkeeping for dropping the cells at positions >= ``keep`` (text-only prefix)."""
         del self.cached[keep:]
         self.n_past = keep
+        if keep < self.prompt_logits_at:
+            self.keep_logits(None, 0)
+
+    def keep_logits(self, logits: np.ndarray | None, at: int) -> None:
+        """Note the logits that follow ``cached[:at]`` (None: forget them)."""
+        self.prompt_logits, self.prompt_logits_at = logits, at
+
+    def logits_after(self, prompt: list[int]) -> np.ndarray | None:
+        """The kept logits when they follow exactly ``prompt`` (its cells all cached here)."""
+        at = self.prompt_logits_at
+        if self.prompt_logits is None or at != len(prompt) or len(self.cached) < at:
+            return None
+        return self.prompt_logits if common_prefix(self.cached, prompt) == at else None
 
 
 def common_prefix(cached: list[int], prompt: list[int]) -> int:

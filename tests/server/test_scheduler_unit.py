@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import llama_cpp
+import numpy as np
 import pytest
 
 from ggufserve.engine.base import (
@@ -73,6 +74,9 @@ class FakeContext:
     def seq_pos_min(self, seq_id: int) -> int:
         return 0
 
+    def logits(self, row: int) -> np.ndarray:
+        return np.full(4, float(row), dtype=np.float32)
+
 
 @dataclass
 class FakeSampler:
@@ -83,10 +87,12 @@ class FakeSampler:
     script: list[int | Exception]
     hold: tuple[int, threading.Event] | None = None
     calls: int = 0
+    saved: int = 0  # samples taken from kept logits (a repeated prompt)
     closed: bool = False
 
-    def sample(self, ctx: Any, row: int) -> int:
+    def sample(self, ctx: Any, row: int, saved: np.ndarray | None = None) -> int:
         self.calls += 1
+        self.saved += saved is not None
         if self.hold is not None and self.calls == self.hold[0]:
             assert self.hold[1].wait(WAIT_S)
         if self.calls > len(self.script):
@@ -252,15 +258,14 @@ def test_one_decode_holds_a_token_for_every_generating_sequence(
     found = asyncio.run(scenario())
     assert [f[-1] for f in found] == [Finished("length", 4, 3, 0)] * 3
     batches = harness.fake.batches
-    # Prompts less their last token together, the last tokens together, then 2 steps of
-    # one sampled token per sequence: 4 decodes for 3 × (4 prompt + 3 sampled) tokens.
-    assert len(batches) == 4
-    assert [len(batch) for batch in batches] == [9, 3, 3, 3]
-    assert not any(row.output for row in batches[0])
+    # The prompts together (an output row at each one's end), then 2 steps of one sampled
+    # token per sequence: 3 decodes for 3 × (4 prompt + 3 sampled) tokens.
+    assert [len(batch) for batch in batches] == [12, 3, 3]
+    assert [row.pos for row in batches[0] if row.output] == [3, 3, 3]
     for batch in batches[1:]:
         assert sorted(row.seq_id for row in batch) == [0, 1, 2]
         assert all(row.output for row in batch)
-    assert [row.token for row in batches[2]] == [40, 41, 42]
+    assert [row.token for row in batches[1]] == [40, 41, 42]
     for seq_id, prompt in enumerate(prompts.values()):
         rows = harness.rows_of(seq_id)
         assert [row.pos for row in rows] == list(range(6))
@@ -289,8 +294,8 @@ def test_a_long_prompt_is_prefilled_in_chunks_while_another_sequence_generates(
     assert found[1][-1] == Finished("length", 30, 1, 0)
     with_late = [batch for batch in harness.fake.batches if any(r.seq_id == 1 for r in batch)]
     prefill = [[r for r in batch if r.seq_id == 1] for batch in with_late]
-    # 29 tokens in chunks of at most 8 beside the generating sequence, then the last one.
-    assert [len(rows) for rows in prefill] == [8, 8, 8, 5, 1]
+    # 30 tokens in chunks of at most 8 beside the generating sequence.
+    assert [len(rows) for rows in prefill] == [8, 8, 8, 6]
     assert all(any(r.seq_id == 0 for r in batch) for batch in with_late)
     assert [r.token for rows in prefill for r in rows] == long_prompt
 
@@ -343,7 +348,7 @@ def test_a_failing_decode_fails_the_generations_in_the_batch_and_the_next_one_ru
     make: Callable[..., Harness],
 ) -> None:
     harness = make(2)
-    harness.fake.outcome = lambda rows: -3 if len(harness.fake.batches) == 2 else 0
+    harness.fake.outcome = lambda rows: -3 if len(harness.fake.batches) == 1 else 0
 
     async def scenario() -> tuple[list[list[GenerationEvent]], list[list[GenerationEvent]]]:
         pair = [harness.generation(n, [10, 11, 12], [20, 21]) for n in ("a", "b")]
@@ -368,7 +373,7 @@ def test_an_exception_in_a_step_fails_the_running_and_the_thread_goes_on(
     harness = make(2)
 
     def outcome(rows: list[Row]) -> int:
-        if len(harness.fake.batches) == 3:
+        if len(harness.fake.batches) == 2:
             raise RuntimeError("decode blew up")
         return 0
 
@@ -474,6 +479,56 @@ def test_a_shared_prompt_prefix_is_reused_in_place(make: Callable[..., Harness])
     # The prompt's new tokens at 5 and 6, then the sampled one at 7.
     assert [row.pos for row in harness.rows_of(0)] == [5, 6, 7]
     assert harness.stats.prompt_tokens_reused == 5
+
+
+def test_a_repeated_prompt_samples_its_first_token_from_the_kept_logits(
+    make: Callable[..., Harness],
+) -> None:
+    harness = make(2)
+    prompt = [10, 11, 12, 13, 14]
+
+    async def scenario() -> list[list[GenerationEvent]]:
+        first = harness.generation("a", prompt, [20, 21], max_tokens=2)
+        harness.scheduler.submit(first)
+        await finish(first)
+        harness.fake.batches.clear()
+        again = harness.generation("b", prompt, [22, 23], max_tokens=2)
+        longer = harness.generation("c", [*prompt, 15], [24], max_tokens=1)
+        harness.scheduler.submit(again)
+        found = await finish(again)
+        harness.scheduler.submit(longer)
+        return [*found, *(await finish(longer))]
+
+    again, longer = asyncio.run(scenario())
+    assert again[-1] == Finished("length", 5, 2, 5)  # every prompt cell reused
+    generations = list(harness.samplers)
+    assert [harness.samplers[g].saved for g in generations] == [0, 1, 0]
+    # The repeat decoded no prompt row: only its first sample, at position 5.
+    first_batch = harness.fake.batches[0]
+    assert [(row.pos, row.token, row.output) for row in first_batch] == [(5, 22, True)]
+    # A prompt that extends it is decoded past the shared prefix, its logits fresh.
+    assert longer[-1] == Finished("length", 6, 1, 5)
+    assert harness.stats.prompt_tokens_reused == 10
+
+
+def test_kept_logits_are_forgotten_when_their_cells_go(make: Callable[..., Harness]) -> None:
+    harness = make(1)
+    prompt = [10, 11, 12, 13]
+
+    async def scenario() -> list[list[GenerationEvent]]:
+        first = harness.generation("a", prompt, [20], max_tokens=1)
+        harness.scheduler.submit(first)
+        await finish(first)
+        other = harness.generation("b", [10, 11, 30], [21], max_tokens=1)
+        harness.scheduler.submit(other)  # keeps [10, 11], drops the rest
+        await finish(other)
+        again = harness.generation("c", prompt, [22], max_tokens=1)
+        harness.scheduler.submit(again)
+        return await finish(again)
+
+    (again,) = asyncio.run(scenario())
+    assert [harness.samplers[g].saved for g in harness.samplers] == [0, 0, 0]
+    assert again[-1] == Finished("length", 4, 1, 2)
 
 
 def test_a_stop_string_ends_the_generation_before_it(make: Callable[..., Harness]) -> None:

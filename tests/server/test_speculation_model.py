@@ -34,6 +34,7 @@ HOT = SamplingParams(2.0, 1.0, 3, 0.0, 0.0, 0.0, 1.0, 0)
 # do between solo and batched decoding (tests/e2e/test_batching.py). Greedy outputs may
 # then part only where the two best tokens are this close.
 NEAR_TIE = 0.5
+ROW_GAP_MAX, ROW_GAP_MEAN = 1.0, 0.05
 JSON_REQUEST = (
     "Give the order below as JSON with the fields customer, city and items.\n\n"
     "Order 1182: customer Margaret Okonkwo-Lindqvist, city Port Elizabeth, items: "
@@ -103,9 +104,14 @@ def assert_same_greedy(off: list[TokenLogprob], on: list[TokenLogprob]) -> int:
         assert best - second < NEAR_TIE, f"parted at token {agree} with a margin of {best - second}"
     else:
         assert len(off) == len(on)
+    gaps = []
     for a, b in zip(off[:agree], on[:agree], strict=True):
         assert a.logprob is not None and b.logprob is not None
-        assert abs(a.logprob - b.logprob) < NEAR_TIE
+        gaps.append(abs(a.logprob - b.logprob))
+    # Rounding moves a token's logprob a little (measured: mean 0.012, once 0.56 nats in
+    # 160 tokens); another row's logits would put it nats away.
+    if gaps:
+        assert max(gaps) < ROW_GAP_MAX and float(np.mean(gaps)) < ROW_GAP_MEAN
     return agree
 
 
