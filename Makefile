@@ -141,6 +141,11 @@ bench: install $(STAMP_BENCH) $(BENCH_VENV)/.installed
 bench-spec: install $(STAMP_BENCH) $(BENCH_VENV)/.installed
 	$(BIN)/python -m tests.bench.speculation --peer-python $(BENCH_VENV)/bin/python $(BENCH_ARGS)
 
+# One stream sampled with py-spy: ms per generated token by thread and function.
+.PHONY: profile
+profile: install $(STAMP_BENCH)
+	$(BIN)/python -m tests.bench.profile_stream $(BENCH_ARGS)
+
 # KV cache types f16 / q8_0 / q4_0: llama.cpp's KV memory, decode tok/s, KL vs f16.
 .PHONY: bench-kv
 bench-kv: $(STAMP_TEST)

@@ -9,7 +9,8 @@ tokens. Systems:
 - llama-server built from the same vendored llama.cpp with our flags (``peers``);
 - llama-cpp-python's ``examples/server/server.py`` (its continuous-batching server);
 - the stock ``python -m llama_cpp.server``;
-- ggufserve (ours).
+- ggufserve (ours), with prompt lookup turned off per request: the peers run without
+  speculation (``make bench-spec`` compares with it on both sides).
 
 Each round sends, for each system in turn, waves of 1 (four requests one after another),
 4, 8 and 16 simultaneous streams; rounds interleave the systems so drift on the machine
@@ -130,13 +131,22 @@ async def stream_one(
 
 
 class Server:
-    """A server over HTTP. ``wave(n)``: n streams at once (n=1: SOLO_REQUESTS in turn)."""
+    """A server over HTTP. ``wave(n)``: n streams at once (n=1: SOLO_REQUESTS in turn);
+    ``extra``: more body fields on every request."""
 
-    def __init__(self, name: str, base_url: str, stop: Callable[[], None], max_tokens: int):
+    def __init__(
+        self,
+        name: str,
+        base_url: str,
+        stop: Callable[[], None],
+        max_tokens: int,
+        extra: dict[str, object] | None = None,
+    ):
         self.name = name
         self._url = f"{base_url}/v1/chat/completions"
         self._stop = stop
         self._max_tokens = max_tokens
+        self._extra = extra
         asyncio.run(self._wave([PROMPTS[0]], 4))  # warm-up
 
     def wave(self, clients: int) -> tuple[list[Run], float]:
@@ -157,7 +167,10 @@ class Server:
             started = time.perf_counter()
             return list(
                 await asyncio.gather(
-                    *(stream_one(client, self._url, p, max_tokens, started) for p in prompts)
+                    *(
+                        stream_one(client, self._url, p, max_tokens, started, self._extra)
+                        for p in prompts
+                    )
                 )
             )
 
@@ -288,7 +301,8 @@ def chart(rows: list[Row], path: Path) -> None:
     figure.savefig(path, dpi=110)
 
 
-OURS = "ggufserve (ours)"
+# The peers run without speculation, so ours does too here (`make bench-spec` compares it).
+OURS = "ggufserve (ours, speculation off)"
 
 
 def start_systems(args: argparse.Namespace, tmp: Path) -> tuple[list, float | None]:
@@ -323,7 +337,7 @@ def start_systems(args: argparse.Namespace, tmp: Path) -> tuple[list, float | No
         "bench", args.model, n_ctx=n_ctx, n_threads=threads, n_parallel=n_parallel
     )
     ours = start_server(tmp / "ours", [bench_entry], api_key=None)
-    systems.append(make(OURS, ours.base_url, ours.stop))
+    systems.append(make(OURS, ours.base_url, ours.stop, extra={"speculative": False}))
     return systems, tg
 
 
