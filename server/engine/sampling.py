@@ -207,6 +207,11 @@ class TokenSampler:
         self._piece = piece
         self._tokenize = tokenize
         self._chain = make_chain(params, n_vocab)
+        # Greedy over biased logits, no penalties: the chain's pick is an argmax, done in
+        # numpy without llama_sampler_sample's copy of the vocabulary into token data.
+        neutral = (params.repeat_penalty, params.frequency_penalty, params.presence_penalty)
+        self._argmax = params.temperature == 0.0 and neutral == (1.0, 0.0, 0.0)
+        self._bias_values = np.array([params.logit_bias[t] for t in biased], dtype=np.float32)
         self._data = np.zeros(n_vocab if grammar is not None else 0, dtype=TOKEN_DATA)
         self._ids = np.arange(len(self._data), dtype=np.int32)
 
@@ -241,12 +246,26 @@ class TokenSampler:
     ) -> int:
         """The chain's pick, accepted: in C from the batch row, else from ``saved`` (the
         same steps as llama_sampler_sample: apply the chain to every token, accept)."""
-        if saved is None:
+        if self._argmax:
+            token = self._biased_argmax(
+                saved if saved is not None else logits_row(ctx, index, self._n_vocab)
+            )
+        elif saved is None:
             return self._chain.sample(ctx, index)
-        token = self._pick(saved)
-        assert token is not None  # no grammar applied: the chain always selects
+        else:
+            picked = self._pick(saved)
+            assert picked is not None  # no grammar applied: the chain always selects
+            token = picked
         self._chain.accept(token)
         return token
+
+    def _biased_argmax(self, logits: np.ndarray) -> int:
+        """What the logit-bias + greedy chain picks: the first highest biased logit (the
+        greedy sampler keeps the first maximum in id order, as np.argmax does)."""
+        if len(self._biased):
+            logits = logits.copy()  # never write into llama.cpp's buffer or kept logits
+            logits[self._biased] += self._bias_values
+        return int(np.argmax(logits))
 
     def _sample_with_grammar(
         self, ctx: _internals.LlamaContext, index: int, saved: np.ndarray | None

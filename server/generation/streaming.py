@@ -90,23 +90,38 @@ class EventSource(Protocol):
         ...
 
 
+async def _choice_events(
+    index: int, source: EventSource
+) -> AsyncGenerator[tuple[int, GenerationEvent], None]:
+    """A source's events tagged with ``index``. A source that raises or stops before its
+    Finished/Failed still ends its choice (as an internal failure), or the request would
+    wait forever."""
+    ended = False
+    try:
+        async for event in source.events():
+            ended = isinstance(event, (Finished, Failed))
+            yield index, event
+    except Exception:
+        log.exception("choice %d's events broke off", index)
+    if not ended:
+        yield index, Failed()
+
+
 async def _merged(
     sources: Sequence[EventSource],
 ) -> AsyncGenerator[tuple[int, GenerationEvent], None]:
+    if len(sources) == 1:
+        # One choice (the common case): its events as they come, no queue hop per token.
+        async with aclosing(_choice_events(0, sources[0])) as events:
+            async for item in events:
+                yield item
+        return
     queue: asyncio.Queue[tuple[int, GenerationEvent]] = asyncio.Queue()
 
     async def pump(index: int, source: EventSource) -> None:
-        # A source that raises or stops before its Finished/Failed must still end its
-        # choice (as an internal failure), or the request would wait forever.
-        ended = False
-        try:
-            async for event in source.events():
-                ended = isinstance(event, (Finished, Failed))
-                await queue.put((index, event))
-        except Exception:
-            log.exception("choice %d's events broke off", index)
-        if not ended:
-            await queue.put((index, Failed()))
+        async with aclosing(_choice_events(index, source)) as events:
+            async for item in events:
+                await queue.put(item)
 
     tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(sources)]
     try:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -55,7 +56,7 @@ def summarise(raw: Path, tokens: int, rate: int, top: int) -> str:
         by_role[role] += n
         by_leaf[(role, frames[-1])] += n
         if role == "scheduler":
-            names = [f.split(" (")[0] for f in frames]
+            names = [f.split(" (")[0].rpartition(".")[2] for f in frames]
             step = next((n for n in ("decode", "_after_decode", "_fill_batch", "_admit")
                          if n in names), "other")  # fmt: skip
             by_step[step] += n
@@ -88,7 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--requests", type=int, default=6)
     parser.add_argument("--max-tokens", type=int, default=128)
-    parser.add_argument("--rate", type=int, default=500, help="py-spy samples per second")
+    parser.add_argument(
+        "--rate", type=int, default=500, help="py-spy samples per second (0: time only)"
+    )
     parser.add_argument("--top", type=int, default=25)
     args = parser.parse_args(argv)
     if args.model is None:
@@ -103,17 +106,23 @@ def main(argv: list[str] | None = None) -> int:
     raw = tmp / "py-spy.txt"
     try:
         asyncio.run(streams(url, 2, 16))  # warm-up: the prompt cached, first-call costs paid
+        if args.rate == 0:  # timing only
+            _, tok_s, ttft_s = asyncio.run(streams(url, args.requests, args.max_tokens))
+            print(f"stream tok/s median {statistics.median(tok_s):.1f} "
+                  f"{sorted(round(t, 1) for t in tok_s)}, TTFT median "
+                  f"{1000 * statistics.median(ttft_s):.1f} ms")  # fmt: skip
+            return 0
         spy = subprocess.Popen(
             [str(Path(sys.executable).parent / "py-spy"), "record", "--pid",
              str(server.process.pid), "--rate", str(args.rate), "--format", "raw",
              "--threads", "--nonblocking", "--output", str(raw)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=(tmp / "py-spy.log").open("wb"),
         )  # fmt: skip
         time.sleep(1.0)  # py-spy attaches
         tokens, tok_s, ttft_s = asyncio.run(streams(url, args.requests, args.max_tokens))
         time.sleep(0.2)
-        spy.terminate()
-        spy.wait(30)
+        spy.send_signal(signal.SIGINT)  # py-spy writes its output on an interrupt
+        spy.wait(60)
     finally:
         server.stop()
     header = (
