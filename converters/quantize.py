@@ -68,6 +68,7 @@ class QuantizerJob:
     kv: dict[str, MetadataValue] = field(default_factory=dict)
     n_threads: int = 0
     parent_pid: int = 0  # the child ends itself if this process is gone
+    allow_requantize: bool = False  # the source may itself be quantized (quality loss)
 
 
 def ftype_of(quant_type: str) -> int:
@@ -175,6 +176,7 @@ def _child_main() -> None:
         params.ftype = job.ftype
     params.nthread = job.n_threads
     params.only_copy = job.only_copy
+    params.allow_requantize = job.allow_requantize
     overrides = _kv_overrides(job.kv) if job.kv else None
     if overrides is not None:
         params.kv_overrides = overrides

@@ -79,11 +79,22 @@ class SamplingDefaults(_Entry):
 
 class Speculative(_Entry):
     """Speculative decoding of a model: ``type`` ``ngram`` (prompt lookup: drafts copied
-    from the prompt and output so far, no extra model; on by default) or ``none``;
-    ``n_max`` draft tokens at most per sequence and step (the engine adapts below it)."""
+    from the prompt and output so far, no extra model; on by default), ``draft`` (drafts
+    from the small model ``draft``: a GGUF path, relative to models.yaml, or a store id;
+    same vocabulary as the served model) or ``none``; ``n_max`` draft tokens at most per
+    sequence and step (the engine adapts below it)."""
 
-    type: Literal["ngram", "none"] = "ngram"
+    type: Literal["ngram", "draft", "none"] = "ngram"
+    draft: Annotated[str, Field(min_length=1)] | None = None
     n_max: Annotated[int, Field(ge=1, le=64)] = 16
+
+    @model_validator(mode="after")
+    def _draft_iff_type_draft(self) -> Speculative:
+        if self.type == "draft" and self.draft is None:
+            raise ValueError("type 'draft' needs 'draft': the draft model's GGUF path or store id")
+        if self.type != "draft" and self.draft is not None:
+            raise ValueError(f"'draft' applies to type 'draft' only (type is '{self.type}')")
+        return self
 
 
 def _lower(value: Any) -> Any:

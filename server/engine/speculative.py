@@ -17,23 +17,47 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
 
 @dataclass(frozen=True)
 class SpecConfig:
-    """Prompt-lookup settings of an engine.
+    """Speculation settings of an engine.
 
     Attributes:
         n_max: Most draft tokens a sequence gets in one step.
-        min_key: Fewest tail tokens that must match for a draft.
+        min_key: Fewest tail tokens that must match for a prompt-lookup draft.
         max_key: Most tail tokens compared (a longer match wins over a more recent one).
+        draft: A draft model GGUF (same vocabulary as the served model): drafts come
+            from it (``engine/draft_model.py``) instead of prompt lookup; None: lookup.
+        p_min: With a draft model, a sequence's draft stops at the first token the draft
+            model gives a probability below this.
     """
 
     n_max: int = 16
     min_key: int = 2
     max_key: int = 8
+    draft: Path | None = None
+    p_min: float = 0.75
+
+
+class Drafter(Protocol):
+    """One generation's source of draft tokens, as the scheduler drives it."""
+
+    def push(self, token: int) -> None:
+        """Add a sampled token to the sequence's history."""
+        ...
+
+    def propose(self, room: int) -> list[int]:
+        """Up to ``room`` tokens expected after the history (may be empty)."""
+        ...
+
+    def record(self, drafted: int, accepted: int) -> None:
+        """A verified draft's outcome: ``accepted`` of its ``drafted`` tokens kept."""
+        ...
 
 
 # The default settings (frozen, so one shared instance is safe).

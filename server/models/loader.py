@@ -25,7 +25,7 @@ from ggufserve.engine.base import ModelLoadError
 from ggufserve.errors import InsufficientMemoryError, ModelTooLargeError, ModelUnavailableError
 from ggufserve.generation.templates import ChatTemplateError
 from ggufserve.models.heap import settle_heap
-from ggufserve.models.loading import LoadedParts, load_parts, model_paths
+from ggufserve.models.loading import LoadedParts, draft_path, load_parts, model_paths
 from ggufserve.models.memory import Resident, estimate_bytes, mib, plan_eviction
 from ggufserve.models.served_model import LOAD_RETRY_S, ModelState, ServedModel
 from ggufserve.settings import ModelsFileError, ServerSettings
@@ -197,6 +197,7 @@ class Loader:
         """
         entry = served.entry
         paths = model_paths(entry, served.base_dir)
+        draft = draft_path(entry, served.base_dir)
         if served.memory_bytes is None:
             served.memory_bytes = estimate_bytes(
                 *paths,
@@ -204,13 +205,15 @@ class Loader:
                 type_k=entry.cache_type_k,
                 type_v=entry.cache_type_v,
                 embeddings=entry.embeddings,
+                draft=draft,
             )
         self._make_room(served)
         release = self._context.hold_files(served)
         try:
             progress = LoadProgress(served, log)
             settings = self._context.settings
-            return load_parts(entry, served.base_dir, paths, settings, progress), release
+            parts = load_parts(entry, served.base_dir, paths, settings, progress, draft)
+            return parts, release
         except BaseException:
             release()
             raise

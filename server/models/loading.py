@@ -20,7 +20,7 @@ from ggufserve.generation.templates import (
     shipped_template,
 )
 from ggufserve.models.fingerprint import system_fingerprint
-from ggufserve.models.model_files import resolve
+from ggufserve.models.model_files import resolve, resolve_draft
 from ggufserve.settings import ModelEntry, ModelsFileError, ServerSettings
 
 
@@ -57,18 +57,31 @@ def model_paths(entry: ModelEntry, base_dir: Path) -> tuple[Path, Path | None]:
     return gguf, mmproj
 
 
+def draft_path(entry: ModelEntry, base_dir: Path) -> Path | None:
+    """The local draft model GGUF of ``speculative: {type: draft}``, else None.
+
+    Raises:
+        ModelsFileError: see :func:`ggufserve.models.model_files.resolve_draft`.
+    """
+    spec = entry.speculative
+    return resolve_draft(spec.draft, base_dir) if spec.type == "draft" and spec.draft else None
+
+
 def load_parts(
     entry: ModelEntry,
     base_dir: Path,
     paths: tuple[Path, Path | None],
     settings: ServerSettings,
     load_progress: Callable[[float], None] | None = None,
+    draft: Path | None = None,
 ) -> LoadedParts:
     """Load the model and compile its templates (blocking; seconds to minutes);
-    ``load_progress`` gets llama.cpp's loaded fraction (0..1) of the weights.
+    ``load_progress`` gets llama.cpp's loaded fraction (0..1) of the weights; ``draft``
+    is the draft model of ``speculative: {type: draft}`` (:func:`draft_path`).
 
     Raises:
-        ModelLoadError: llama.cpp could not load the file or create a context.
+        ModelLoadError: llama.cpp could not load the file or create a context, or the
+            draft model's vocabulary differs from the model's.
         ModelsFileError: ``chat_template_file`` is unreadable.
         ChatTemplateError: no usable chat template, or one that does not compile.
     """
@@ -91,9 +104,7 @@ def load_parts(
         image_min_tokens=entry.image_min_tokens,
         image_max_tokens=entry.image_max_tokens,
         load_progress=load_progress,
-        speculation=(
-            SpecConfig(n_max=entry.speculative.n_max) if entry.speculative.type == "ngram" else None
-        ),
+        speculation=_speculation(entry, draft),
     )
     try:
         template = _template(entry, base_dir, engine, settings)
@@ -115,6 +126,17 @@ def load_parts(
         engine.close()
         raise
     return LoadedParts(engine, template, tool_template, family, embedder, fingerprint)
+
+
+def _speculation(entry: ModelEntry, draft: Path | None) -> SpecConfig | None:
+    spec = entry.speculative
+    if spec.type == "none":
+        return None
+    if spec.type == "draft":
+        if draft is None:
+            raise ModelsFileError(f"model '{entry.id}': speculative type 'draft' without a file")
+        return SpecConfig(n_max=spec.n_max, draft=draft)
+    return SpecConfig(n_max=spec.n_max)
 
 
 def _template(

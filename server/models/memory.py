@@ -4,15 +4,17 @@ A model's memory is **estimated** before it loads, from its files and GGUF metad
 
     GGUF file(s) + mmproj file + n_ctx × Σ_layers n_head_kv × (k × B_k + v × B_v)
                                [+ n_ctx × Σ_layers n_head_kv × (k + v) × 2 B]
+                               [+ draft GGUF + n_ctx × Σ_draft layers n_head_kv × (k + v) × 2 B]
 
 the second term being the generation context's KV cache, B_k / B_v the bytes per element
 of ``cache_type_k`` / ``cache_type_v`` (f16: 2, q8_0: 34/32, q4_0: 18/32, from gguf-py's
 ``GGML_QUANT_SIZES``), and the bracket the f16 KV cache of the embedding context
-(``embeddings: true``). Each layer holds ``n_ctx`` cells (exact with ``swa_full: true``,
-the default; an overestimate for sliding-window layers otherwise). llama.cpp's compute
-buffers, the logits buffer and the image cache are not counted: leave some headroom under
-the machine's real memory. The same figure is kept while the model is loaded, so the
-accounting never depends on what the allocator did.
+(``embeddings: true``), the last bracket a draft model (``speculative: {type: draft}``)
+with its f16 KV cache of ``n_ctx`` cells. Each layer holds ``n_ctx`` cells (exact with
+``swa_full: true``, the default; an overestimate for sliding-window layers otherwise).
+llama.cpp's compute buffers, the logits buffer and the image cache are not counted: leave
+some headroom under the machine's real memory. The same figure is kept while the model
+is loaded, so the accounting never depends on what the allocator did.
 """
 
 from __future__ import annotations
@@ -138,6 +140,7 @@ def estimate_bytes(
     type_k: KvCacheType = "f16",
     type_v: KvCacheType = "f16",
     embeddings: bool = False,
+    draft: Path | None = None,
 ) -> int:
     """The module docstring's estimate for one model (bytes).
 
@@ -147,6 +150,7 @@ def estimate_bytes(
         n_ctx: Context size of each context, in tokens.
         type_k / type_v: The generation context's KV cache types (``cache_type_k/v``).
         embeddings: An embedding context (f16 KV, ``n_ctx`` cells) is made too.
+        draft: A draft model's GGUF, loaded with its own context (f16 KV, ``n_ctx`` cells).
 
     Raises:
         OSError: a file cannot be read.
@@ -155,6 +159,9 @@ def estimate_bytes(
     kv = kv_bytes_per_token(gguf, type_k, type_v)
     if embeddings:
         kv += kv_bytes_per_token(gguf)
+    if draft is not None:
+        files += file_bytes(draft)
+        kv += kv_bytes_per_token(draft)
     return files + n_ctx * kv
 
 

