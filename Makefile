@@ -131,15 +131,17 @@ $(STAMP_BENCH): $(STAMP_TEST)
 	touch $@
 
 # Side by side with llama-server / llama-bench (built once from the same sdist and flags,
-# ~10 min on 2 cores), llama-cpp-python's example and stock servers. Never run in CI.
+# ~10 min on 2 cores), llama-cpp-python's example and stock servers; then the speculation
+# tables (as make bench-spec; SPEC_ARGS are its flags). Never run in CI.
 bench: install $(STAMP_BENCH) $(BENCH_VENV)/.installed
 	$(BIN)/python -m tests.bench.run --peer-python $(BENCH_VENV)/bin/python $(BENCH_ARGS)
+	$(BIN)/python -m tests.bench.speculation --peer-python $(BENCH_VENV)/bin/python $(SPEC_ARGS)
 
 # Prompt lookup on and off: a copy-heavy rewrite and sampled free text, c = 1 and 4, with
 # llama-server (--spec-type ngram-simple and without) as the peer.
 .PHONY: bench-spec
 bench-spec: install $(STAMP_BENCH) $(BENCH_VENV)/.installed
-	$(BIN)/python -m tests.bench.speculation --peer-python $(BENCH_VENV)/bin/python $(BENCH_ARGS)
+	$(BIN)/python -m tests.bench.speculation --peer-python $(BENCH_VENV)/bin/python $(SPEC_ARGS)
 
 # One stream sampled with py-spy: ms per generated token by thread and function.
 .PHONY: profile

@@ -206,7 +206,7 @@ def serve(settings: ServerSettings) -> int:
 
     from ggufserve.api.app import create_app
     from ggufserve.api.http_limits import DeadlineH11Protocol, ReadDeadlines
-    from ggufserve.models.model_files import check_local
+    from ggufserve.models.model_files import check_local, resolve_draft
     from ggufserve.models.registry import ModelRegistry
 
     store = ModelStore()
@@ -217,6 +217,11 @@ def serve(settings: ServerSettings) -> int:
         check_local(entry.gguf, base_dir, f"entry '{entry.id}': key 'gguf.path'")
         if entry.mmproj is not None:
             check_local(entry.mmproj, base_dir, f"entry '{entry.id}': key 'mmproj.path'")
+        if entry.speculative.draft is not None:
+            try:
+                resolve_draft(entry.speculative.draft, base_dir)
+            except ModelsFileError as exc:
+                raise ModelsFileError(f"entry '{entry.id}': {exc}") from None
     _log_build()
     _check_build(settings)
     # Every models.yaml and store entry is available; the --model ones load at start-up.

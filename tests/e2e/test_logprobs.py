@@ -234,3 +234,28 @@ def test_completions_suffix_is_refused(client: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as info:
         client.completions.create(model=MODEL, prompt="def f(", suffix="return 1", max_tokens=4)
     assert "suffix" in str(info.value)
+
+
+def test_a_repeated_seeded_request_repeats_bit_for_bit(client: openai.OpenAI) -> None:
+    """The repeat reuses every prompt cell and samples its first token from the logits kept
+    after the first request's prompt, so even logprobs are the same floats."""
+    kwargs: dict[str, object] = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "Name three rivers of Africa and one fact."}],
+        "max_tokens": 24,
+        "temperature": 1.0,
+        "seed": 31337,
+        "logprobs": True,
+        "top_logprobs": 2,
+    }
+    first = client.chat.completions.create(**kwargs)  # type: ignore[call-overload]
+    again = client.chat.completions.create(**kwargs)  # type: ignore[call-overload]
+    assert again.usage is not None and again.usage.prompt_tokens_details is not None
+    assert again.usage.prompt_tokens_details.cached_tokens == again.usage.prompt_tokens
+    assert again.choices[0].message.content == first.choices[0].message.content
+
+    def floats(completion: object) -> list[float]:
+        content = completion.choices[0].logprobs.content  # type: ignore[attr-defined]
+        return [t.logprob for t in content] + [a.logprob for t in content for a in t.top_logprobs]
+
+    assert floats(again) == floats(first) and len(floats(first)) > 24

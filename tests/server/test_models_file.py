@@ -176,3 +176,14 @@ def test_cli_refuses_unknown_model_id() -> None:
     result = run_cli("serve", "--model", "nope")
     assert result.returncode == 2
     assert "no model 'nope'" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_cli_refuses_a_missing_draft_model_before_loading(tmp_path: Path) -> None:
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")  # never loaded: the check comes first
+    entry = {**GOOD, "speculative": {"type": "draft", "draft": "small.gguf"}}
+    models = tmp_path / "models.yaml"
+    models.write_text(yaml.safe_dump({"models": [entry]}))
+    result = run_cli("serve", "--models", str(models))
+    assert result.returncode == 2
+    assert "entry 'm': speculative.draft 'small.gguf' is neither a GGUF file" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -531,6 +531,29 @@ def test_kept_logits_are_forgotten_when_their_cells_go(make: Callable[..., Harne
     assert again[-1] == Finished("length", 4, 1, 2)
 
 
+def test_a_diverging_prompt_copies_the_prefix_to_an_empty_sequence(
+    make: Callable[..., Harness],
+) -> None:
+    harness = make(2)
+    prompt = [10, 11, 12, 13]
+
+    async def scenario() -> list[list[GenerationEvent]]:
+        first = harness.generation("a", prompt, [20], max_tokens=1)
+        harness.scheduler.submit(first)
+        await finish(first)
+        other = harness.generation("b", [10, 11, 30], [21], max_tokens=1)
+        harness.scheduler.submit(other)
+        await finish(other)
+        again = harness.generation("c", prompt, [22], max_tokens=1)
+        harness.scheduler.submit(again)
+        return await finish(again)
+
+    (again,) = asyncio.run(scenario())
+    assert harness.fake.copied == [(0, 1, 0, 2)]  # b shares a's first 2 cells, a kept whole
+    assert [harness.samplers[g].saved for g in harness.samplers] == [0, 0, 1]
+    assert again[-1] == Finished("length", 4, 1, 4)
+
+
 def test_a_stop_string_ends_the_generation_before_it(make: Callable[..., Harness]) -> None:
     harness = make(1)
 
