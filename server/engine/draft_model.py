@@ -33,6 +33,7 @@ import numpy as np
 from llama_cpp import _internals
 
 from ggufserve.engine.base import ModelLoadError
+from ggufserve.engine.native_load import load_model, new_context
 from ggufserve.engine.sampling import logits_row
 from ggufserve.engine.sequence import common_prefix
 from ggufserve.engine.speculative import AdaptiveLength, Drafter
@@ -116,14 +117,9 @@ class DraftModel:
         self._p_min = p_min
         model_params = llama_cpp.llama_model_default_params()
         model_params.n_gpu_layers = n_gpu_layers
-        try:
-            self._model = _internals.LlamaModel(
-                path_model=str(path), params=model_params, verbose=False
-            )
-        except (ValueError, RuntimeError, OSError):
-            raise ModelLoadError(
-                f"llama.cpp could not load the draft model file {path.name}"
-            ) from None
+        self._model = load_model(
+            path, model_params, f"llama.cpp could not load the draft model file {path.name}"
+        )
         self._vocab = llama_cpp.llama_model_get_vocab(self._model.model)
         problem = vocab_difference(llama_cpp.llama_model_get_vocab(target.model), self._vocab)
         if problem is not None:
@@ -140,14 +136,12 @@ class DraftModel:
         params.kv_unified = True
         params.swa_full = True  # rejected drafts' cells are dropped: keep every cell
         params.n_threads = params.n_threads_batch = n_threads
-        try:
-            self._ctx = _internals.LlamaContext(model=self._model, params=params, verbose=False)
-        except (ValueError, RuntimeError, OSError):
-            self._model.close()
-            raise ModelLoadError(
-                f"llama.cpp could not create a context of {n_ctx} tokens for the draft "
-                f"model {path.name}"
-            ) from None
+        self._ctx = new_context(
+            self._model,
+            params,
+            f"llama.cpp could not create a context of {n_ctx} tokens for the draft model "
+            f"{path.name}",
+        )
         self._memory = llama_cpp.llama_get_memory(self._ctx.ctx)
         self._n_batch = n_batch
         self._batch = _internals.LlamaBatch(n_tokens=n_batch, embd=0, n_seq_max=1, verbose=False)

@@ -25,6 +25,7 @@ from ggufserve.engine.base import (
 from ggufserve.engine.draft_model import DraftModel
 from ggufserve.engine.kv_cache import FlashAttn, KvCacheType, ggml_type, is_quantized
 from ggufserve.engine.media import MediaPrompt, Mtmd, read_token_range
+from ggufserve.engine.native_load import load_model, new_context
 from ggufserve.engine.sampling import CompiledGrammar, TokenSampler, compile_grammar
 from ggufserve.engine.scheduler import ContextLimits, Scheduler
 from ggufserve.engine.sequence import ImagePiece, Piece, Running
@@ -148,20 +149,15 @@ class LlamaEngine:
         ctx_params.type_v = ggml_type(cache_type_v)
         ctx_params.flash_attn_type = FLASH_ATTN_TYPES[flash_attn]
         ctx_params.n_threads = ctx_params.n_threads_batch = threads
-        try:
-            self._model = _internals.LlamaModel(
-                path_model=str(model_path), params=model_params, verbose=False
-            )
-        except (ValueError, RuntimeError, OSError):
-            raise ModelLoadError("llama.cpp could not load the model file") from None
-        try:
-            self._ctx = _internals.LlamaContext(model=self._model, params=ctx_params, verbose=False)
-        except (ValueError, RuntimeError, OSError):
-            self._model.close()
-            raise ModelLoadError(
-                f"llama.cpp could not create a context of {n_ctx} tokens (cache_type_k "
-                f"{cache_type_k}, cache_type_v {cache_type_v}, flash_attn {flash_attn})"
-            ) from None
+        self._model = load_model(
+            model_path, model_params, "llama.cpp could not load the model file"
+        )
+        self._ctx = new_context(
+            self._model,
+            ctx_params,
+            f"llama.cpp could not create a context of {n_ctx} tokens (cache_type_k "
+            f"{cache_type_k}, cache_type_v {cache_type_v}, flash_attn {flash_attn})",
+        )
         self._draft = self._load_draft(
             speculation, model_path.name, n_ctx, n_parallel, n_batch, threads, n_gpu_layers
         )

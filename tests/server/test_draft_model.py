@@ -16,23 +16,22 @@ from pathlib import Path
 import llama_cpp
 import pytest
 
-from ggufserve.engine.base import GrammarSpec, ModelLoadError, TextDelta, TokenLogprob
+from ggufserve.engine.base import ModelLoadError, TextDelta
 from ggufserve.engine.llama import LlamaEngine
 from ggufserve.engine.speculative import SpecConfig
-from ggufserve.grammar.gbnf import json_schema_gbnf
 from ggufserve.models.memory import estimate_bytes, file_bytes, kv_bytes_per_token
 from ggufserve.models.model_files import resolve_draft
 from ggufserve.settings import ModelsFileError, parse_models_file
 from tests.bench.copy_heavy import COPY_REQUEST
 from tests.server.test_speculation_model import (
-    JSON_REQUEST,
-    SCHEMA,
     assert_same_greedy,
+    json_schema_greedy_counts,
     pairs,
     request,
     run,
     spec_counts,
     tv_permutation_p,
+    two_choices,
 )
 
 
@@ -68,34 +67,16 @@ def test_greedy_output_is_the_same_and_the_draft_model_drafts(engine: LlamaEngin
 
 
 def test_greedy_choices_of_one_request_are_the_same(engine: LlamaEngine) -> None:
-    def choices(speculative: bool) -> list[list[TokenLogprob]]:
-        job = request(engine, COPY_REQUEST, 24, speculative=speculative)
-
-        async def both() -> list[list[TokenLogprob]]:
-            out: list[list[TokenLogprob]] = [[], []]
-            for i, generation in enumerate(engine.submit_choices([job, job])):
-                async for event in generation.events():
-                    if isinstance(event, TextDelta):
-                        out[i].extend(event.logprobs)
-            return out
-
-        return asyncio.run(both())
-
-    off = choices(False)
+    off = two_choices(engine, 24, False)
     before = spec_counts(engine)[1]
-    on = choices(True)
+    on = two_choices(engine, 24, True)
     assert spec_counts(engine)[1] - before > 16  # both choices were drafted for
     for a, b in zip(off, on, strict=True):
         assert assert_same_greedy(a, b) > 16
 
 
 def test_greedy_output_under_a_json_schema_grammar_is_the_same(engine: LlamaEngine) -> None:
-    spec = engine.compile_grammar(GrammarSpec(json_schema_gbnf(SCHEMA)))
-    before = spec_counts(engine)
-    (off,) = run(engine, [request(engine, JSON_REQUEST, 64, grammar=spec, speculative=False)])
-    (on,) = run(engine, [request(engine, JSON_REQUEST, 64, grammar=spec)])
-    assert assert_same_greedy(off, on) > 10
-    drafted, accepted = (now - then for now, then in zip(spec_counts(engine), before, strict=True))
+    drafted, accepted = json_schema_greedy_counts(engine, 64)
     assert 0 < accepted <= drafted
 
 

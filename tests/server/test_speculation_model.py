@@ -34,7 +34,7 @@ HOT = SamplingParams(2.0, 1.0, 3, 0.0, 0.0, 0.0, 1.0, 0)
 # do between solo and batched decoding (tests/e2e/test_batching.py). Greedy outputs may
 # then part only where the two best tokens are this close.
 NEAR_TIE = 0.5
-ROW_GAP_MAX, ROW_GAP_MEAN = 1.0, 0.05
+ROW_GAP_MAX, ROW_GAP_MEAN = 1.0, 0.2
 JSON_REQUEST = (
     "Give the order below as JSON with the fields customer, city and items.\n\n"
     "Order 1182: customer Margaret Okonkwo-Lindqvist, city Port Elizabeth, items: "
@@ -108,8 +108,8 @@ def assert_same_greedy(off: list[TokenLogprob], on: list[TokenLogprob]) -> int:
     for a, b in zip(off[:agree], on[:agree], strict=True):
         assert a.logprob is not None and b.logprob is not None
         gaps.append(abs(a.logprob - b.logprob))
-    # Rounding moves a token's logprob a little (measured: mean 0.012, once 0.56 nats in
-    # 160 tokens); another row's logits would put it nats away.
+    # Rounding moves a token's logprob a little (measured: means 0.012 and 0.054, at most
+    # 0.56 nats); another row's logits would put it nats away.
     if gaps:
         assert max(gaps) < ROW_GAP_MAX and float(np.mean(gaps)) < ROW_GAP_MEAN
     return agree
@@ -135,36 +135,48 @@ def test_greedy_output_is_the_same_with_and_without_speculation(
         assert agree > 100
 
 
+def two_choices(
+    engine: LlamaEngine, max_tokens: int, speculative: bool
+) -> list[list[TokenLogprob]]:
+    """The tokens of the 2 greedy choices of one copy-heavy request (``n`` = 2)."""
+    job = request(engine, COPY_REQUEST, max_tokens, speculative=speculative)
+
+    async def both() -> list[list[TokenLogprob]]:
+        out: list[list[TokenLogprob]] = [[], []]
+        for i, generation in enumerate(engine.submit_choices([job, job])):
+            async for event in generation.events():
+                if isinstance(event, TextDelta):
+                    out[i].extend(event.logprobs)
+        return out
+
+    return asyncio.run(both())
+
+
 def test_greedy_choices_of_one_request_are_the_same_with_speculation(
     engine: LlamaEngine,
 ) -> None:
-    def choices(speculative: bool) -> list[list[TokenLogprob]]:
-        job = request(engine, COPY_REQUEST, 48, speculative=speculative)
-
-        async def both() -> list[list[TokenLogprob]]:
-            out: list[list[TokenLogprob]] = [[], []]
-            for i, generation in enumerate(engine.submit_choices([job, job])):
-                async for event in generation.events():
-                    if isinstance(event, TextDelta):
-                        out[i].extend(event.logprobs)
-            return out
-
-        return asyncio.run(both())
-
     before = spec_counts(engine)[1]
-    off, on = choices(False), choices(True)
+    off, on = two_choices(engine, 48, False), two_choices(engine, 48, True)
     assert spec_counts(engine)[1] > before
     for a, b in zip(off, on, strict=True):
         assert assert_same_greedy(a, b) > 0
 
 
-def test_greedy_output_under_a_json_schema_grammar_is_the_same(engine: LlamaEngine) -> None:
+def json_schema_greedy_counts(engine: LlamaEngine, max_tokens: int) -> tuple[int, int]:
+    """Greedy JSON-schema output with and without speculation agrees (past 10 tokens);
+    returns the (drafted, accepted) tokens of the speculative run."""
     spec = engine.compile_grammar(GrammarSpec(json_schema_gbnf(SCHEMA)))
+    job = request(engine, JSON_REQUEST, max_tokens, grammar=spec)
+    (off,) = run(engine, [replace(job, speculative=False)])
     before = spec_counts(engine)
-    (off,) = run(engine, [request(engine, JSON_REQUEST, 96, grammar=spec, speculative=False)])
-    (on,) = run(engine, [request(engine, JSON_REQUEST, 96, grammar=spec)])
+    (on,) = run(engine, [job])
     assert assert_same_greedy(off, on) > 10
     drafted, accepted = (now - then for now, then in zip(spec_counts(engine), before, strict=True))
+    return drafted, accepted
+
+
+def test_greedy_output_under_a_json_schema_grammar_is_the_same(engine: LlamaEngine) -> None:
+    drafted, accepted = json_schema_greedy_counts(engine, 96)
     assert drafted > 0 and accepted > 0  # the names were copied from the prompt
 
 
