@@ -16,7 +16,7 @@ import numpy as np
 from llama_cpp import mtmd_cpp
 
 from ggufserve.engine.base import EngineStats, ModelLoadError
-from ggufserve.engine.sequence import ImagePiece, Piece
+from ggufserve.engine.sequence import ImageDecodeError, ImagePiece, Piece
 from ggufserve.engine.special_tokens import Plan
 from ggufserve.generation.image_budget import TokenRange, projector_range
 from ggufserve.generation.images import LoadedImage
@@ -246,7 +246,8 @@ class Mtmd:
             The next position (after Qwen3-VL images it advances by ``n_pos``, not rows).
 
         Raises:
-            RuntimeError: llama.cpp failed to decode the rows; the image's encoding error.
+            ImageDecodeError: llama.cpp failed to decode the rows.
+            RuntimeError: the image's encoding error.
         """
         embedding = piece.embedding.result()
         new_n_past = llama_cpp.llama_pos(0)
@@ -263,7 +264,7 @@ class Mtmd:
             None,
         )
         if status != 0:
-            raise RuntimeError(f"mtmd could not decode an image chunk ({status})")
+            raise ImageDecodeError(status)
         return int(new_n_past.value)
 
     def encode(self, chunk: mtmd_cpp.mtmd_input_chunk_p, stats: EngineStats) -> np.ndarray:

@@ -64,7 +64,14 @@ from ggufserve.engine.base import (
 )
 from ggufserve.engine.draft_model import DraftModel
 from ggufserve.engine.sampling import GrammarFailure, logits_row, token_logprob
-from ggufserve.engine.sequence import IMAGE_ROW, ImagePiece, Running, Slot, common_prefix
+from ggufserve.engine.sequence import (
+    IMAGE_ROW,
+    ImageDecodeError,
+    ImagePiece,
+    Running,
+    Slot,
+    common_prefix,
+)
 from ggufserve.engine.speculative import Drafter, PromptLookup, SpecConfig
 from ggufserve.engine.worker import EngineBusy, EngineClosed, Generation, StepClock
 
@@ -425,7 +432,12 @@ class Scheduler:
             return
         running.pieces.popleft()
         try:
-            slot.n_past = self._decode_image(head, slot.seq_id, slot.n_past)
+            slot.n_past = self._decode_image_rows(head, slot)
+        except ImageDecodeError as exc:
+            full = exc.status == KV_FULL
+            log.warning("image decode failed for sequence %d: %s", slot.seq_id, exc)
+            self._fail(slot, Failed(code="kv_cache_full" if full else None))
+            return
         except Exception:
             log.exception("image decode failed for sequence %d", slot.seq_id)
             self._fail(slot, Failed())
@@ -433,6 +445,30 @@ class Scheduler:
         slot.cached.extend([IMAGE_ROW] * head.n_tokens)
         if not running.pieces:  # no text after the image: nothing would give logits
             self._fail(slot, Failed())
+
+    def _decode_image_rows(self, piece: ImagePiece, slot: Slot) -> int:
+        """Decode an image's rows for the slot's sequence; returns the next position. With
+        no free KV cells, the rows decoded so far and idle sequences' caches are dropped
+        and it is tried once more.
+
+        Raises:
+            ImageDecodeError: llama.cpp failed (status 1: still no free KV cells).
+        """
+        try:
+            return self._decode_image(piece, slot.seq_id, slot.n_past)
+        except ImageDecodeError as exc:
+            self._ops.seq_rm(slot.seq_id, slot.n_past, -1)  # the rows of earlier batches
+            if exc.status != KV_FULL or not self._drop_idle_caches():
+                raise
+        return self._decode_image(piece, slot.seq_id, slot.n_past)
+
+    def _drop_idle_caches(self) -> bool:
+        """Free the KV cells of every idle sequence; False when none held any."""
+        idle = [s for s in self._slots if s.running is None and s.cached]
+        for slot in idle:
+            self._ops.seq_rm(slot.seq_id, 0, -1)
+            slot.forget()
+        return bool(idle)
 
     def _fill_batch(self, drafts: bool = True) -> list[tuple[Slot, int, bool]]:
         """Fill the batch; returns (slot, rows added, has output row) per sequence in it.
@@ -523,11 +559,7 @@ class Scheduler:
     def _make_room(self, rows: list[tuple[Slot, int, bool]]) -> bool:
         """After a KV-full decode: drop idle caches, else fail the youngest generation in
         the batch. False when there is nothing left to give up."""
-        idle = [s for s in self._slots if s.running is None and s.cached]
-        if idle:
-            for slot in idle:
-                self._ops.seq_rm(slot.seq_id, 0, -1)
-                slot.forget()
+        if self._drop_idle_caches():
             return True
         in_batch = [slot for slot, _, _ in rows]
         victim = max(in_batch, key=lambda s: s.running.admitted_at)  # type: ignore[union-attr]

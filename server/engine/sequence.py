@@ -34,6 +34,15 @@ class ImagePiece:
 Piece = list[int] | ImagePiece
 
 
+class ImageDecodeError(RuntimeError):
+    """llama.cpp could not decode an image's rows; ``status`` is ``llama_decode``'s (1: no
+    free KV cells for them)."""
+
+    def __init__(self, status: int):
+        super().__init__(f"mtmd could not decode an image chunk ({status})")
+        self.status = status
+
+
 @dataclass(eq=False)
 class Running:
     """A generation admitted to a sequence.

@@ -8,6 +8,7 @@ import asyncio
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,12 +27,13 @@ from ggufserve.engine.base import (
 )
 from ggufserve.engine.sampling import GrammarFailure
 from ggufserve.engine.scheduler import KV_FULL, ContextLimits, Scheduler
-from ggufserve.engine.sequence import Running
+from ggufserve.engine.sequence import ImageDecodeError, ImagePiece, Piece, Running
 from ggufserve.engine.speculative import SpecConfig
 from ggufserve.engine.text import StopScanner
 from ggufserve.engine.worker import EngineBusy, EngineClosed, Generation
 
 EOG = 2
+IMAGE_AT, IMAGE_ROWS = 99, 3
 GREEDY = SamplingParams(1.0, 1.0, 0, 0.0, 0.0, 0.0, 1.0, 0)
 WAIT_S = 10  # generous: the fake decode is instant, but the test machine may be busy
 
@@ -118,6 +120,9 @@ class Harness:
     names: dict[Generation, str] = field(default_factory=dict)
     stats: EngineStats = field(default_factory=EngineStats)
     speculation: SpecConfig | None = None
+    # Prompts holding IMAGE_AT get an image of IMAGE_ROWS rows there; each image decode
+    # takes the next status (0: decoded), none left fails the test.
+    image_statuses: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.scheduler = Scheduler(
@@ -127,7 +132,7 @@ class Harness:
             piece=lambda token: f"<{token}>".encode(),
             shown_piece=lambda token: f"<{token}>".encode(),
             is_eog=lambda token: token == EOG,
-            decode_image=self.no_images,
+            decode_image=self.decode_image,
             stats=self.stats,
             max_queued=self.max_queued,
             name="fake-scheduler",
@@ -138,18 +143,26 @@ class Harness:
     def start(self, generation: Generation) -> Running:
         self.started.append(self.names[generation])
         prompt = list(generation.request.prompt_tokens)
+        pieces: deque[Piece] = deque([prompt])
+        if IMAGE_AT in prompt:
+            at = prompt.index(IMAGE_AT)
+            done: Future[Any] = Future()
+            done.set_result(None)
+            pieces = deque([prompt[:at], ImagePiece(None, IMAGE_ROWS, done), prompt[at + 1 :]])
         return Running(
             generation=generation,
-            pieces=deque([prompt]),
+            pieces=pieces,
             sampler=self.samplers[generation],  # type: ignore[arg-type]
             scanner=StopScanner(generation.request.stop),
             n_prompt=len(prompt),
             n_cached=0,
         )
 
-    @staticmethod
-    def no_images(piece: Any, seq_id: int, n_past: int) -> int:
-        raise AssertionError("no image in these prompts")
+    def decode_image(self, piece: ImagePiece, seq_id: int, n_past: int) -> int:
+        assert self.image_statuses, "no image decode expected"
+        if status := self.image_statuses.pop(0):
+            raise ImageDecodeError(status)
+        return n_past + piece.n_tokens
 
     def generation(
         self,
@@ -458,6 +471,32 @@ def test_a_grammar_failure_ends_only_its_own_sequence(make: Callable[..., Harnes
     bad, good = asyncio.run(scenario())
     assert bad[-1] == Failed(code="grammar_failed")
     assert good[-1] == Finished("length", 2, 3, 0)
+
+
+def test_an_image_without_kv_cells_drops_idle_caches_then_fails_as_kv_full(
+    make: Callable[..., Harness],
+) -> None:
+    harness = make(2)
+    harness.image_statuses = [KV_FULL, 0, KV_FULL, KV_FULL]
+
+    async def scenario() -> list[list[GenerationEvent]]:
+        idle = harness.generation("a", [30, 31, 32], [20], max_tokens=1)
+        harness.scheduler.submit(idle)
+        await finish(idle)
+        fits = harness.generation("b", [10, IMAGE_AT, 11], [21], max_tokens=1)
+        harness.scheduler.submit(fits)
+        found = await finish(fits)
+        never = harness.generation("c", [12, IMAGE_AT, 13], [22], max_tokens=1)
+        harness.scheduler.submit(never)
+        return [*found, *(await finish(never))]
+
+    fits, never = asyncio.run(scenario())
+    # The first image fit once the idle cache of "a" (sequence 0) was dropped.
+    assert fits[-1] == Finished("length", 3, 1, 0)
+    assert (0, 0, -1) in harness.fake.removed
+    # With nothing idle left to drop, the second fails as a full cache (503), not a 500.
+    assert never == [Failed(code="kv_cache_full")]
+    assert harness.image_statuses == []
 
 
 def test_a_shared_prompt_prefix_is_reused_in_place(make: Callable[..., Harness]) -> None:
