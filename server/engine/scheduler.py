@@ -3,8 +3,7 @@
 One thread owns the context (llama.cpp contexts are not thread-safe). Each step:
 
 1. admits waiting generations (FIFO) to free sequences, reusing the longest cached
-   prefix of any sequence: an idle one in place, unless that would cut its longer cache
-   while an empty sequence is free; else through ``seq_cp`` (shared cells, no copy);
+   prefix of any sequence (an idle one in place, a busy one through ``seq_cp``);
 2. decodes images whose embeddings are ready, one sequence at a time (embedding rows
    never share a ``llama_decode`` with token rows);
 3. builds one batch: one token for every generating sequence, then prompt chunks of the
@@ -373,10 +372,7 @@ class Scheduler:
                 source, keep, saved = slot, n, logits
         if source is not None and not self._window_cached(source, keep):
             source, keep, saved = None, 0, None
-        # An idle cache that holds more than the reused prefix stays whole (its conversation
-        # may come back) while an empty sequence is free to take a copy of the prefix.
-        spare = any(not s.cached for s in free)
-        if source is not None and source in free and not (spare and keep < len(source.cached)):
+        if source is not None and source in free:
             target = source
             if not self._ops.seq_rm(target.seq_id, keep, -1):
                 keep, saved = 0, None
