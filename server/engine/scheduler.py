@@ -354,7 +354,12 @@ class Scheduler:
     def _assign(self, generation: Generation, free: list[Slot]) -> None:
         """Put a generation on a free sequence, reusing the longest cached prefix."""
         running = self._start(generation)
-        history = [t for p in running.pieces for t in (p if isinstance(p, list) else [-1])]
+        # Read before reuse trims the pieces; only a drafter needs it.
+        history = (
+            [t for p in running.pieces for t in (p if isinstance(p, list) else [-1])]
+            if self._speculation is not None and generation.request.speculative
+            else []
+        )
         head = running.pieces[0] if running.pieces else []
         prompt = head if isinstance(head, list) else []
         text_only = len(running.pieces) == 1 and bool(prompt)
@@ -365,8 +370,8 @@ class Scheduler:
         limit = len(prompt) - (1 if text_only else 0) if reuse else 0
         source, keep, saved = None, 0, None
         for slot in self._slots:
-            logits = slot.logits_after(prompt) if text_only and reuse else None
             shared = common_prefix(slot.cached, prompt)
+            logits = slot.logits_after(len(prompt), shared) if text_only and reuse else None
             n = len(prompt) if logits is not None else min(shared, limit)
             if n > keep or (n == keep and n > 0 and slot in free and source not in free):
                 source, keep, saved = slot, n, logits

@@ -129,12 +129,11 @@ class Slot:
         """Note the logits that follow ``cached[:at]`` (None: forget them)."""
         self.prompt_logits, self.prompt_logits_at = logits, at
 
-    def logits_after(self, prompt: list[int]) -> np.ndarray | None:
-        """The kept logits when they follow exactly ``prompt`` (its cells all cached here)."""
+    def logits_after(self, n_prompt: int, shared: int) -> np.ndarray | None:
+        """The kept logits when they follow exactly a prompt of ``n_prompt`` tokens that
+        shares its first ``shared`` tokens with ``cached`` (all its cells cached here)."""
         at = self.prompt_logits_at
-        if self.prompt_logits is None or at != len(prompt) or len(self.cached) < at:
-            return None
-        return self.prompt_logits if common_prefix(self.cached, prompt) == at else None
+        return self.prompt_logits if at == n_prompt and shared >= at > 0 else None
 
 
 def common_prefix(cached: list[int], prompt: list[int]) -> int:
